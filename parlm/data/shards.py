@@ -1,0 +1,198 @@
+"""Token shards in the challenge format (SPEC 1.2) and the validation stream (SPEC 1.4).
+
+A shard is a 1,024-byte header of 256 little-endian int32 values (magic 20240520, version 1,
+token count N, then zeros) followed by N little-endian uint16 token ids, so its size is exactly
+1024 + 2*N bytes. Every reader here checks that and raises `ShardError`, whose message is one
+line naming the file and the fault.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_SHARD_TOKENS = 2**31 - 1
+
+
+class ShardError(ValueError):
+    """A malformed shard; str(error) is one line: '<path>: <fault>'."""
+
+    def __init__(self, path: str | os.PathLike, fault: str):
+        self.path = str(path)
+        self.fault = fault
+        super().__init__(f"{self.path}: {fault}")
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The validated header of one shard: token count and the file's byte size."""
+
+    path: str
+    num_tokens: int
+    file_bytes: int
+
+
+def write_shard(path: str | os.PathLike, tokens) -> None:
+    """Write `tokens` (ints in [0, 65535]) as a challenge shard at `path`.
+
+    The file is written beside its destination and renamed into place, so a reader never
+    sees a half-written shard.
+    """
+    path = Path(path)
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise ValueError(f"{path}: tokens must be one-dimensional, got shape {array.shape}")
+    if array.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"{path}: {array.size} tokens do not fit an int32 header count")
+    if array.dtype != TOKEN_DTYPE:
+        if array.size and (int(array.min()) < 0 or int(array.max()) > 65535):
+            raise ValueError(f"{path}: token ids must lie in [0, 65535] to fit uint16 shards")
+        array = array.astype(TOKEN_DTYPE)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, array.size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(np.ascontiguousarray(array).tobytes())
+    os.replace(temporary, path)
+
+
+def read_header(path: str | os.PathLike) -> ShardHeader:
+    """Read and check the header of `path` against SPEC 1.2 and the file size.
+
+    Raises ShardError for: a missing file, a file shorter than the header, a bad magic, a bad
+    version, a negative count, a truncated payload (file shorter than 1024 + 2*N) or a size
+    mismatch (file longer than 1024 + 2*N).
+    """
+    path = Path(path)
+    try:
+        file_bytes = path.stat().st_size
+    except FileNotFoundError:
+        raise ShardError(path, "no such file") from None
+    if file_bytes < HEADER_BYTES:
+        raise ShardError(path, f"truncated header: file has {file_bytes} bytes, a shard header needs {HEADER_BYTES}")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
+    if magic != SHARD_MAGIC:
+        raise ShardError(path, f"bad magic {magic} (expected {SHARD_MAGIC}); not a challenge shard")
+    if version != SHARD_VERSION:
+        raise ShardError(path, f"bad version {version} (expected {SHARD_VERSION})")
+    if num_tokens < 0:
+        raise ShardError(path, f"bad token count {num_tokens} in header")
+    expected = HEADER_BYTES + TOKEN_DTYPE.itemsize * num_tokens
+    if file_bytes < expected:
+        present = (file_bytes - HEADER_BYTES) // TOKEN_DTYPE.itemsize
+        raise ShardError(path, f"truncated payload: header says {num_tokens} tokens ({expected} bytes) "
+                               f"but the file has {file_bytes} bytes ({present} tokens)")
+    if file_bytes != expected:
+        raise ShardError(path, f"size mismatch: header says {num_tokens} tokens = {expected} bytes "
+                               f"but the file has {file_bytes} bytes ({file_bytes - expected} extra)")
+    return ShardHeader(str(path), num_tokens, file_bytes)
+
+
+def open_shard(path: str | os.PathLike) -> np.memmap:
+    """Header-checked read-only uint16 memmap of the payload of `path` (no copy)."""
+    header = read_header(path)
+    if header.num_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)  # np.memmap refuses empty maps
+    return np.memmap(path, mode="r", dtype=TOKEN_DTYPE, offset=HEADER_BYTES, shape=(header.num_tokens,))
+
+
+def check_token_range(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int,
+                      chunk_tokens: int = 1 << 24) -> None:
+    """Raise ShardError naming the first token id >= vocab_size in `tokens` (read in chunks)."""
+    for start in range(0, len(tokens), chunk_tokens):
+        chunk = np.asarray(tokens[start:start + chunk_tokens])
+        if chunk.size and int(chunk.max()) >= vocab_size:
+            offset = int(np.argmax(chunk >= vocab_size))
+            raise ShardError(path, f"token id {int(chunk[offset])} at position {start + offset} "
+                                   f">= vocab_size {vocab_size}")
+
+
+def load_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """All tokens of `path` as a uint16 array (header checked; ids < vocab_size if given)."""
+    header = read_header(path)
+    tokens = np.fromfile(path, dtype=TOKEN_DTYPE, count=header.num_tokens, offset=HEADER_BYTES)
+    if tokens.size != header.num_tokens:  # the file changed under us
+        raise ShardError(path, f"short read: {tokens.size} of {header.num_tokens} tokens")
+    if vocab_size is not None:
+        check_token_range(path, tokens, vocab_size)
+    return tokens
+
+
+def validate_shard(path: str | os.PathLike, vocab_size: int | None = None) -> ShardHeader:
+    """Check header, size and (if vocab_size is given) every token id; return the header."""
+    header = read_header(path)
+    if vocab_size is not None:
+        check_token_range(path, open_shard(path), vocab_size)
+    return header
+
+
+def shard_files(pattern: str | os.PathLike) -> list[Path]:
+    """Files matching the glob `pattern` in sorted order; FileNotFoundError when none match."""
+    files = [Path(p) for p in sorted(glob.glob(str(pattern)))]
+    if not files:
+        raise FileNotFoundError(f"no shard files match {pattern}; build or download the dataset "
+                                f"first (python -m parlm.data build|download --help)")
+    return files
+
+
+def load_validation_tokens(pattern: str | os.PathLike, seq_len: int, max_tokens: int = 0) -> "torch.Tensor":
+    """The validation stream of SPEC 1.4 as a CPU torch.int32 tensor.
+
+    All files matching `pattern` are concatenated in sorted order; when max_tokens > 0 only
+    the first max_tokens+1 tokens are kept; then the stream is cut to usable+1 tokens with
+    usable = ((N-1) // seq_len) * seq_len, so the last (N-1) mod seq_len tokens are never scored.
+    """
+    import torch  # here, so that shard tools (`python -m parlm.data inspect`) start without torch
+
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    pieces = []
+    kept = 0
+    limit = max_tokens + 1 if max_tokens > 0 else None
+    for path in shard_files(pattern):
+        tokens = open_shard(path)
+        if limit is not None:
+            tokens = tokens[: limit - kept]
+        pieces.append(np.asarray(tokens, dtype=np.int32))
+        kept += len(pieces[-1])
+        if limit is not None and kept >= limit:
+            break
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    usable = (len(stream) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise ValueError(f"validation stream {pattern} has {len(stream)} tokens, too short for "
+                         f"seq_len={seq_len} (needs at least {seq_len + 1})")
+    return torch.from_numpy(np.ascontiguousarray(stream[: usable + 1]))
+
+
+def token_statistics(path: str | os.PathLike, bos_id: int = 1) -> dict:
+    """Header and token statistics of one shard: count, min, max, distinct ids, BOS count
+    (= documents in a BOS-prefixed export), and the ten most frequent ids."""
+    header = read_header(path)
+    tokens = open_shard(path)
+    counts = np.bincount(np.asarray(tokens), minlength=65536) if header.num_tokens else np.zeros(65536, np.int64)
+    present = np.flatnonzero(counts)
+    top = np.argsort(-counts, kind="stable")[:10]
+    return {
+        "path": header.path,
+        "magic": SHARD_MAGIC,
+        "version": SHARD_VERSION,
+        "num_tokens": header.num_tokens,
+        "file_bytes": header.file_bytes,
+        "min_id": int(present[0]) if present.size else None,
+        "max_id": int(present[-1]) if present.size else None,
+        "distinct_ids": int(present.size),
+        "bos_count": int(counts[bos_id]) if 0 <= bos_id < counts.size else 0,
+        "top_ids": [[int(i), int(counts[i])] for i in top if counts[i] > 0],
+    }

@@ -1,0 +1,188 @@
+"""Distributed plumbing in one place (torchrun + NCCL on GPUs, gloo on CPU).
+
+Nothing happens at import. Every helper works in a single process without a process group,
+so tests, notebooks and CPU runs call the same code as an 8-GPU node.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: rank, world size, local rank and its torch device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def torchrun_environment() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when launched by torchrun, else None.
+
+    This is the only place parlm reads the launcher's environment variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return None
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` picks cuda:<local_rank> when CUDA is available, else cpu; `cuda` requires it."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if preference == "cuda":
+        raise RuntimeError("device=cuda was requested but torch sees no CUDA device; use device=cpu")
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> DistContext:
+    """Initialise the process group if launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Idempotent; in a plain process it returns rank 0 of world size 1 without a group."""
+    env = torchrun_environment()
+    rank, world_size, local_rank = env if env else (0, 1, 0)
+    device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        dist.barrier()
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only (flushes, so torchrun and notebooks stream it)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM across ranks (no-op in one process); returns the tensor."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place MAX across ranks (no-op in one process); returns the tensor."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place average across ranks: SUM / world_size (gloo has no AVG); returns the tensor."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when `flag` is True on any rank (MAX all-reduce of an int)."""
+    t = torch.tensor(int(flag), device=device)
+    return bool(all_reduce_max(t).item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """Return rank `src`'s object on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_to_main(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """Gather equal-shaped tensors to rank 0 (list on rank 0, None elsewhere)."""
+    if not is_initialized():
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if is_main() else None
+    if tensor.device.type == "cuda" or dist.get_backend() != "gloo":
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor)
+        return gathered if is_main() else None
+    dist.gather(tensor, gather_list=parts, dst=0)
+    return parts
+
+
+def contiguous_share(n_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank's contiguous share of n items: floor(n*r/W) .. floor(n*(r+1)/W)
+    (the reference's split for validation sequences, windows and TTT sequences)."""
+    return n_items * rank // world_size, n_items * (rank + 1) // world_size
+
+
+def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True) -> None:
+    """Run `python -m torch.distributed.run --standalone --nproc_per_node=nproc -m module args`,
+    streaming its output line by line; raise RuntimeError with the output tail on failure.
+
+    NVLink multicast stays off (NCCL_NVLS_ENABLE=0) unless the caller's environment sets it."""
+    import collections
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Spinning OpenMP workers of several CPU ranks starve each other on small machines.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", module, *args]
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if echo:
+                print(line, end="", flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; last lines:\n" + "\n".join(tail))

@@ -1,0 +1,371 @@
+"""Validation scoring in bits per byte: plain (SPEC 5.1) and sliding window (SPEC 5.2).
+
+Bits per byte makes models with different tokenizers comparable: the summed negative
+log-likelihood of the validation tokens, in bits, divided by the number of UTF-8 bytes those
+tokens stand for (SPEC 1.6-1.7):
+
+    val_loss = sum(NLL nats) / N_tokens
+    val_bpb  = sum(NLL nats) / (ln 2 * sum(bytes(target | prev)))
+
+Sums are float64 and all-reduced across ranks; bytes come from the one byte counter,
+`ByteTables.count_bytes`. Score-first TTT (SPEC 5.3) lives in `parlm.ttt`; `evaluate_run`
+(the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is implemented in
+`parlm.eval_run`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, asdict
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dist
+from .config import Config
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: mean NLL in nats per token, bits per byte, the token and byte counts
+    behind them, and the wall time of the scoring loop in seconds (compile excluded when the
+    caller warmed up first)."""
+
+    loss: float
+    bpb: float
+    tokens: float
+    bytes: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loss_and_bpb(loss_sum: float, token_count: float, byte_count: float) -> tuple[float, float]:
+    """(val_loss, val_bpb) = (Σnll/N, Σnll/(ln2·Σbytes)) from float sums (SPEC 1.7)."""
+    if token_count <= 0 or byte_count <= 0:
+        raise ValueError(f"nothing was scored (tokens={token_count}, bytes={byte_count}); "
+                         f"the validation stream is too short for this seq_len/stride")
+    return loss_sum / token_count, loss_sum / (LN2 * byte_count)
+
+
+def autocast_context(device: torch.device | str):
+    """bf16 autocast on CUDA (the reference's forward precision), nullcontext on CPU."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work (no-op on CPU) so wall times measure the work itself."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_byte_tables(byte_tables, device: torch.device):
+    """The byte tables as torch tensors on `device` (accepts numpy-backed `ByteTables` or an
+    object already converted with `.to_torch`)."""
+    to_torch = getattr(byte_tables, "to_torch", None)
+    return to_torch(device) if callable(to_torch) else byte_tables
+
+
+def compile_enabled(config: Config, device: torch.device | str) -> bool:
+    """`compile`: "on" always, "off" never, "auto" on CUDA only."""
+    if config.compile == "on":
+        return True
+    if config.compile == "off":
+        return False
+    return torch.device(device).type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------
+# Plain evaluation (SPEC 5.1)
+
+def plain_batch_plan(config: Config, total_tokens: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(first sequence, end sequence, sequences per batch) of this rank's plain evaluation.
+
+    total_tokens // eval_seq_len non-overlapping sequences are split contiguously across
+    ranks; each batch holds val_batch_tokens / (world_size · grad_accum_steps) tokens."""
+    seq_len = config.eval_seq_len
+    local_batch_tokens = config.val_batch_tokens // (world_size * config.grad_accum_steps(world_size))
+    if local_batch_tokens < seq_len:
+        raise ValueError(
+            f"val_batch_tokens={config.val_batch_tokens} gives {local_batch_tokens} tokens per rank "
+            f"per batch (world_size={world_size}, grad_accum_steps="
+            f"{config.grad_accum_steps(world_size)}), less than one eval_seq_len={seq_len} "
+            f"sequence; raise val_batch_tokens to at least "
+            f"{seq_len * world_size * config.grad_accum_steps(world_size)}")
+    total_seqs = total_tokens // seq_len
+    seq_start, seq_end = dist.contiguous_share(total_seqs, rank, world_size)
+    return seq_start, seq_end, local_batch_tokens // seq_len
+
+
+def eval_val(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx) -> EvalResult:
+    """Plain validation (SPEC 5.1): every position scored once with its in-sequence prefix.
+
+    The stream val_tokens[0..T] (T+1 tokens) is cut into T // eval_seq_len sequences
+    x = tokens[i·L : (i+1)·L], y = tokens[i·L+1 : (i+1)·L+1], split contiguously across
+    ranks. `model(x, y)` returns the mean CE of a batch (bf16 autocast on CUDA), so
+    Σnll += mean·n_tokens; bytes = count_bytes(y, x). Returns loss = Σnll/N and
+    bpb = Σnll/(ln2·Σbytes) over all ranks (float64 sums, all-reduced).
+    `model` may be compiled; its train/eval mode is restored afterwards."""
+    device = ctx.device
+    seq_len = config.eval_seq_len
+    total_tokens = val_tokens.numel() - 1
+    seq_start, seq_end, batch_seqs = plain_batch_plan(config, total_tokens, ctx.rank, ctx.world_size)
+    tables = device_byte_tables(byte_tables, device)
+    local = val_tokens[seq_start * seq_len: seq_end * seq_len + 1].to(device=device, dtype=torch.int64)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    was_training = model.training
+    model.eval()
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, seq_end - seq_start, batch_seqs):
+            last = min(first + batch_seqs, seq_end - seq_start)
+            chunk = local[first * seq_len: last * seq_len + 1]
+            x = chunk[:-1].reshape(-1, seq_len)
+            y = chunk[1:].reshape(-1, seq_len)
+            with autocast_context(device):
+                batch_loss = model(x, y).detach()
+            sums[0] += batch_loss.to(torch.float64) * y.numel()
+            sums[1] += y.numel()
+            sums[2] += tables.count_bytes(y, x).to(torch.float64).sum()
+    dist.all_reduce_sum(sums)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    nll_sum, tokens, nbytes = (float(v) for v in sums.tolist())
+    loss, bpb = loss_and_bpb(nll_sum, tokens, nbytes)
+    return EvalResult(loss=loss, bpb=bpb, tokens=tokens, bytes=nbytes, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------
+# Sliding windows (SPEC 5.2): planning is pure arithmetic
+
+def count_windows(total_tokens: int, seq_len: int, stride: int) -> int:
+    """Number of window starts ws = 0, stride, 2·stride, ... with ws + (seq_len − stride) < T."""
+    context = seq_len - stride
+    if total_tokens <= context:
+        return 0
+    return -(-(total_tokens - context) // stride)
+
+
+def window_starts(total_tokens: int, seq_len: int, stride: int) -> np.ndarray:
+    """All window starts (int64): ws = k·stride for k < count_windows(T, seq_len, stride)."""
+    return np.arange(count_windows(total_tokens, seq_len, stride), dtype=np.int64) * stride
+
+
+def scored_span(window_start: int, total_tokens: int, seq_len: int, stride: int) -> tuple[int, int]:
+    """[first, end) input positions scored by one window: the first window scores
+    [0, min(L, T)); window ws > 0 scores its last stride positions [ws+L−stride, min(ws+L, T)).
+    Position p predicts target token p+1."""
+    end = min(window_start + seq_len, total_tokens)
+    return (0 if window_start == 0 else window_start + seq_len - stride), end
+
+
+def plan_ttt_chunks(total_tokens: int, seq_len: int, stride: int, chunk_tokens: int) -> np.ndarray:
+    """Window-index bounds of the TTT chunks (SPEC 5.3): chunk ci owns windows
+    bounds[ci]:bounds[ci+1], those whose first scored position s has
+    min(s // chunk_tokens, num_chunks − 1) == ci, with num_chunks = ceil(T / chunk_tokens).
+    Windows are in stream order, so every chunk's windows are a contiguous index range."""
+    num_chunks = -(-total_tokens // chunk_tokens)
+    starts = window_starts(total_tokens, seq_len, stride)
+    first_scored = np.where(starts == 0, 0, starts + seq_len - stride)
+    chunk_of_window = np.minimum(first_scored // chunk_tokens, num_chunks - 1)
+    return np.searchsorted(chunk_of_window, np.arange(num_chunks + 1), side="left").astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# Window scorer shared by sliding evaluation and TTT scoring
+
+class WindowScorer:
+    """Scores runs of sliding windows with the LM head and cross-entropy computed only at
+    scored positions, in fixed-shape batches built on the device (no host syncs).
+
+    Window ws reads x = tokens[ws : ws+L] and y = tokens[ws+1 : ws+L+1] (positions past T are
+    zero, as in the reference; causal attention keeps them out of scored positions). Every
+    window contributes its last `stride` positions; window 0 also contributes [0, L−stride)
+    through a separate "head" call. Per position: nll = CE(float(softcap logits), y) with the
+    forward under bf16 autocast on CUDA, i.e. the reference's `forward_logits` + fp32 CE,
+    restricted to the rows that are scored. A short final batch is padded to the fixed batch
+    size with masked rows so compiled graphs see one shape.
+    """
+
+    def __init__(self, config: Config, model, tokens: torch.Tensor, byte_tables, device,
+                 batch_seqs: int | None = None, compile: bool | None = None,
+                 compile_mode: str | None = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.tokens = tokens.to(device=self.device, dtype=torch.int64)  # [T+1]
+        self.total_tokens = self.tokens.numel() - 1
+        self.seq_len = config.eval_seq_len
+        self.stride = config.eval_stride
+        self.context = self.seq_len - self.stride
+        self.batch_seqs = batch_seqs or config.eval_batch_seqs
+        self.tables = device_byte_tables(byte_tables, self.device)
+        self.offsets = torch.arange(self.seq_len + 1, device=self.device)
+        self.tail_offsets = torch.arange(self.context, self.seq_len, device=self.device)
+        self.head_offsets = torch.arange(0, self.context, device=self.device)
+        use_compile = compile_enabled(config, self.device) if compile is None else compile
+        mode = compile_mode or config.eval_compile_mode
+        self.compiled = use_compile
+        if use_compile:
+            kwargs = dict(dynamic=False, fullgraph=True)
+            if mode and mode != "default":
+                kwargs["mode"] = mode
+            self._tail_fn = torch.compile(self._score_tail, **kwargs)
+            self._head_fn = torch.compile(self._score_head, **kwargs)
+        else:
+            self._tail_fn, self._head_fn = self._score_tail, self._score_head
+
+    # -- graph bodies (compiled when enabled) ------------------------------------------------
+    def _logits_at(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        hidden = self.model.forward_hidden(x)
+        return self.model.logits_from_hidden(hidden[:, first:last])
+
+    def _score_tail(self, x: torch.Tensor, y: torch.Tensor):
+        logits = self._logits_at(x, self.context, self.seq_len)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y[:, self.context:].flatten(),
+                              reduction="none")
+        return nll.view(x.shape[0], self.stride), logits
+
+    def _score_head(self, x: torch.Tensor, y: torch.Tensor):
+        logits = self._logits_at(x, 0, self.context)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y[:, :self.context].flatten(),
+                              reduction="none")
+        return nll.view(x.shape[0], self.context), logits
+
+    # -- batches -----------------------------------------------------------------------------
+    def _windows(self, starts: torch.Tensor):
+        """x, y [B, L] for window starts [B] (zeros past the end of the stream)."""
+        index = starts[:, None] + self.offsets[None, :]
+        inside = index <= self.total_tokens
+        tokens = torch.where(inside, self.tokens[index.clamp(max=self.total_tokens)], 0)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        # Reference zero-fills x and y beyond the window length (position >= T).
+        valid = index[:, :-1] < self.total_tokens
+        return torch.where(valid, x, 0), torch.where(valid, y, 0)
+
+    def warmup(self) -> None:
+        """Compile both graph shapes on a dummy batch of token id 0 (no-op when not compiled)."""
+        if not self.compiled:
+            return
+        x = torch.zeros(self.batch_seqs, self.seq_len, dtype=torch.int64, device=self.device)
+        with torch.no_grad(), autocast_context(self.device):
+            self._tail_fn(x, x)
+            self._head_fn(x[:1], x[:1])
+        synchronize(self.device)
+
+    def score(self, first_window: int, end_window: int, sums: torch.Tensor,
+              nll_out: torch.Tensor | None = None, mixture=None, mix_out: torch.Tensor | None = None,
+              on_score: Callable | None = None, progress=None) -> None:
+        """Score windows with indices [first_window, end_window) (start = index·stride).
+
+        Adds Σnll, token count and Σbytes into `sums` (float64 [3], or [4] with Σ mixed nll when
+        `mixture` is given). `nll_out` (float32 [T+1]) receives each scored position's NLL at
+        its position (index T is a scratch slot for masked rows). With `mixture`, its
+        `.nll(logits, positions)` scores the same positions into `mix_out` (float64 [T+1]).
+        `on_score(positions, nll)` is an instrumentation hook called with the valid scored
+        positions of every batch (tests use it to count positions)."""
+        if end_window <= first_window:
+            return
+        if first_window == 0:
+            self._score_rows(torch.zeros(1, dtype=torch.int64, device=self.device), True,
+                             torch.ones(1, dtype=torch.bool, device=self.device),
+                             sums, nll_out, mixture, mix_out, on_score)
+        slots = torch.arange(self.batch_seqs, device=self.device)
+        for batch_first in range(first_window, end_window, self.batch_seqs):
+            count = min(self.batch_seqs, end_window - batch_first)
+            live = slots < count
+            starts = torch.where(live, slots + batch_first, first_window) * self.stride
+            self._score_rows(starts, False, live, sums, nll_out, mixture, mix_out, on_score)
+            if progress is not None:
+                progress.update(count)
+
+    def _score_rows(self, starts, head: bool, live, sums, nll_out, mixture, mix_out, on_score):
+        x, y = self._windows(starts)
+        with torch.no_grad():
+            with autocast_context(self.device):
+                nll, logits = (self._head_fn if head else self._tail_fn)(x, y)
+            offsets = self.head_offsets if head else self.tail_offsets
+            positions = starts[:, None] + offsets[None, :]
+            mask = live[:, None] & (positions < self.total_tokens)
+            targets = y[:, offsets]
+            prevs = x[:, offsets]
+            maskd = mask.to(torch.float64)
+            sums[0] += (nll.to(torch.float64) * maskd).sum()
+            sums[1] += maskd.sum()
+            sums[2] += (self.tables.count_bytes(targets, prevs).to(torch.float64) * maskd).sum()
+            slot = torch.where(mask, positions, self.total_tokens).flatten()
+            if nll_out is not None:
+                nll_out.index_copy_(0, slot, nll.flatten().to(nll_out.dtype))
+            if mixture is not None:
+                flat = mask.flatten()
+                mixed = mixture.nll(logits.flatten(0, 1)[flat].float(), positions.flatten()[flat])
+                mixed = torch.as_tensor(mixed, dtype=torch.float64, device=self.device)
+                sums[3] += mixed.sum()
+                if mix_out is not None:
+                    mix_out[positions.flatten()[flat]] = mixed
+            if on_score is not None:
+                flat = mask.flatten()
+                on_score(positions.flatten()[flat], nll.flatten()[flat])
+
+
+def eval_val_sliding(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx,
+                     scorer: WindowScorer | None = None, on_score: Callable | None = None,
+                     nll_out: torch.Tensor | None = None, show_progress: bool = False) -> EvalResult:
+    """Sliding-window validation (SPEC 5.2): windows of L = eval_seq_len tokens every
+    stride = eval_stride tokens, starts ws with ws + L − stride < T; window 0 scores [0, L),
+    every other window its last `stride` positions, so the scored positions tile [0, T)
+    exactly once. Windows are split contiguously across ranks. loss = Σnll/N,
+    bpb = Σnll/(ln2·Σbytes) (float64 sums, all-reduced). Pass a warmed-up `scorer` to keep
+    compile time out of `seconds`; `nll_out` (float32 [T+1]) receives per-position NLLs."""
+    device = ctx.device
+    scorer = scorer or WindowScorer(config, model, val_tokens, byte_tables, device)
+    total = scorer.total_tokens
+    n_windows = count_windows(total, scorer.seq_len, scorer.stride)
+    first, end = dist.contiguous_share(n_windows, ctx.rank, ctx.world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    progress = None
+    if show_progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=end - first, desc="sliding windows", unit="win", leave=False)
+    synchronize(device)
+    t0 = time.perf_counter()
+    scorer.score(first, end, sums, nll_out=nll_out, on_score=on_score, progress=progress)
+    dist.all_reduce_sum(sums)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress.close()
+    model.train(was_training)
+    nll_sum, tokens, nbytes = (float(v) for v in sums.tolist())
+    loss, bpb = loss_and_bpb(nll_sum, tokens, nbytes)
+    return EvalResult(loss=loss, bpb=bpb, tokens=tokens, bytes=nbytes, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------
+# The pipeline's "eval" stage (implemented in parlm.eval_run)
+
+def evaluate_run(config: Config, run_dir) -> dict:
+    """Evaluate a run folder's artifact (plain, sliding, score-first TTT); writes eval.json,
+    nll.npz and metrics records. See `parlm.eval_run.evaluate_run`."""
+    from .eval_run import evaluate_run as run
+
+    return run(config, run_dir)
+
+
+if __name__ == "__main__":
+    from .eval_run import main
+
+    main()

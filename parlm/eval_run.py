@@ -1,0 +1,204 @@
+"""The pipeline's "eval" stage: `evaluate_run(config, run_dir)` and `python -m parlm.eval`.
+
+Deserializes the run's artifact and measures, as the reference does after quantization
+(SPEC 5): plain BPB ("quantized"), sliding-window BPB and score-first TTT BPB on a fresh copy
+of the artifact, plus parlm's valid token mixture when `mixture_enabled`. Compile time is
+measured on dummy batches before each timed stage and reported separately.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist
+from .config import Config
+from .eval import (EvalResult, WindowScorer, autocast_context, compile_enabled, eval_val,
+                   eval_val_sliding, plain_batch_plan, synchronize)
+from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
+
+ARTIFACT_NAME = "final_model.int6.ptz"
+
+
+def compile_plain_model(config: Config, model, total_tokens: int, ctx):
+    """(model for `eval_val`, compile seconds): compiled with dynamic=False, fullgraph=True
+    when compile is on, and warmed up on dummy batches of every shape eval_val will use."""
+    if not compile_enabled(config, ctx.device):
+        return model, 0.0
+    t0 = time.perf_counter()
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    seq_start, seq_end, batch_seqs = plain_batch_plan(config, total_tokens, ctx.rank, ctx.world_size)
+    n_seqs = seq_end - seq_start
+    shapes = {min(batch_seqs, n_seqs)} | ({n_seqs % batch_seqs} if n_seqs % batch_seqs else set())
+    model.eval()
+    with torch.no_grad():
+        for size in sorted(s for s in shapes if s > 0):
+            x = torch.zeros(size, config.eval_seq_len, dtype=torch.int64, device=ctx.device)
+            with autocast_context(ctx.device):
+                compiled(x, x)
+    synchronize(ctx.device)
+    return compiled, time.perf_counter() - t0
+
+
+def reset_compiler(config: Config, device) -> None:
+    """Drop compiled graphs between phases (the reference calls torch._dynamo.reset())."""
+    if compile_enabled(config, device):
+        torch._dynamo.reset()
+
+
+def write_nll(path, val_tokens: torch.Tensor, nll: np.ndarray, nll_mix: np.ndarray | None,
+              source: str) -> None:
+    """nll.npz: target = tokens[1:T+1], prev = tokens[0:T] (int64), nll (float64 nats), one
+    entry per scored position in stream order; nll_mix when the valid mixture ran."""
+    tokens = val_tokens.to(torch.int64).numpy()
+    total = len(nll)
+    arrays = {"target": tokens[1:total + 1], "prev": tokens[:total], "nll": nll.astype(np.float64),
+              "source": np.array(source)}
+    if nll_mix is not None:
+        arrays["nll_mix"] = nll_mix.astype(np.float64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def add_sliding_to_chunks(chunks: list[dict], sliding_nll: np.ndarray, val_tokens: torch.Tensor,
+                          byte_tables) -> None:
+    """Add `sliding_loss`/`sliding_bpb` (the frozen model's sliding score on the same
+    positions) to each TTT chunk record, so per-chunk and cumulative TTT gains can be read."""
+    tokens = val_tokens.to(torch.int64).numpy()
+    for chunk in chunks:
+        start, end = chunk["start"], chunk["end"]
+        nll_sum = float(sliding_nll[start:end].astype(np.float64).sum())
+        nbytes = float(byte_tables.count_bytes(tokens[start + 1:end + 1], tokens[start:end]).sum())
+        chunk["sliding_loss"] = nll_sum / max(end - start, 1)
+        chunk["sliding_bpb"] = nll_sum / (math.log(2) * nbytes) if nbytes else float("nan")
+
+
+def evaluate_run(config: Config, run_dir) -> dict:
+    """Evaluate a run folder's artifact: plain ("quantized", SPEC 5.1), sliding window
+    (SPEC 5.2) and score-first TTT (SPEC 5.3) on a fresh copy, plus the valid mixture when
+    `mixture_enabled`. Writes eval.json (BPB, loss, seconds per stage with compile time
+    separate, per-chunk TTT numbers), nll.npz (rank 0) and metrics.jsonl records with stage
+    "eval". Runs in one process or under torchrun; returns the eval.json dict."""
+    from .data.shards import load_validation_tokens
+    from .data.tokenizer import ByteTables
+    from .quant import load_quantized_model
+    from .ttt import eval_val_ttt, reduce_to_main
+
+    run_dir = Path(run_dir)
+    artifact = run_dir / ARTIFACT_NAME
+    if not artifact.exists():
+        raise FileNotFoundError(f"{artifact} not found; quantize first with "
+                                f"`python -m parlm.quant --run-dir {run_dir}`")
+    ctx = dist.init_distributed(config.device)
+    device = ctx.device
+    logger = RunLogger(run_dir, "eval.log")
+    if (run_dir / "eval.json").exists():
+        old = read_json(run_dir / "eval.json")
+        logger.log(f"eval: replacing existing eval.json (ttt_bpb={old.get('ttt_bpb')}, "
+                   f"sliding_bpb={old.get('sliding_bpb')})")
+    logger.log(f"eval: world_size={ctx.world_size} device={device} compile={compile_enabled(config, device)}")
+    byte_tables = ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size)
+    val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
+    total = val_tokens.numel() - 1
+    out: dict = {"world_size": ctx.world_size, "device": str(device), "tokens": total,
+                 "bytes": int(byte_tables.stream_bytes(val_tokens[:total + 1].numpy()))}
+    compile_by_stage: dict[str, float] = {}
+
+    def record(name: str, result: EvalResult, compile_seconds: float) -> None:
+        out[f"{name}_loss"], out[f"{name}_bpb"], out[f"{name}_seconds"] = result.loss, result.bpb, result.seconds
+        compile_by_stage[name] = compile_seconds
+        logger.log(f"{name} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} "
+                   f"eval_time:{1000 * result.seconds:.0f}ms compile:{compile_seconds:.1f}s")
+        logger.metric("eval", name=name, loss=result.loss, bpb=result.bpb, seconds=result.seconds,
+                      compile_seconds=compile_seconds, tokens=result.tokens, bytes=result.bytes)
+
+    t0 = time.perf_counter()
+    model = load_quantized_model(config, artifact, device)
+    out["load_seconds"] = time.perf_counter() - t0
+    plain_model, compile_seconds = compile_plain_model(config, model, total, ctx)
+    record("quantized", eval_val(config, plain_model, val_tokens, byte_tables, ctx), compile_seconds)
+    del plain_model
+    reset_compiler(config, device)
+
+    sliding_nll = None
+    if config.sliding_window_enabled:
+        # Per-position sliding NLLs: per-chunk comparison with TTT, and the NLL dump without TTT.
+        buffer = torch.zeros(total + 1, dtype=torch.float32, device=device)
+        scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
+        t0 = time.perf_counter()
+        model.eval()
+        scorer.warmup()
+        compile_seconds = time.perf_counter() - t0
+        record("sliding", eval_val_sliding(config, model, val_tokens, byte_tables, ctx, scorer=scorer,
+                                           nll_out=buffer, show_progress=True), compile_seconds)
+        sliding_nll = reduce_to_main(buffer, ctx)
+        del buffer
+        del scorer
+        reset_compiler(config, device)
+    del model
+
+    if config.ttt_enabled:
+        t0 = time.perf_counter()
+        ttt_model = load_quantized_model(config, artifact, device)
+        out["ttt_load_seconds"] = time.perf_counter() - t0
+        mixture = None
+        if config.mixture_enabled:
+            from .mixture import TokenNgramMixture
+
+            mixture = TokenNgramMixture(config, val_tokens, config.vocab_size, device)
+        ttt = eval_val_ttt(config, ttt_model, val_tokens, byte_tables, ctx, mixture=mixture,
+                           diagnostic_after=config.ttt_diagnostic_after, show_progress=True, logger=logger)
+        record("ttt", ttt.result, ttt.extra["compile_seconds"])
+        out["ttt_num_chunks"] = ttt.extra["num_chunks"]
+        if sliding_nll is not None and ctx.is_main:
+            add_sliding_to_chunks(ttt.chunks, sliding_nll[:total], val_tokens, byte_tables)
+        out["ttt_chunks"] = ttt.chunks
+        for chunk in ttt.chunks:
+            logger.metric("eval", name="ttt_chunk", **chunk)
+        if ttt.mix is not None:
+            out["mix_valid_loss"], out["mix_valid_bpb"] = ttt.mix.loss, ttt.mix.bpb
+            logger.log(f"mix_valid val_loss:{ttt.mix.loss:.8f} val_bpb:{ttt.mix.bpb:.8f}")
+            logger.metric("eval", name="mix_valid", loss=ttt.mix.loss, bpb=ttt.mix.bpb)
+        if ctx.is_main:
+            write_nll(run_dir / "nll.npz", val_tokens, ttt.nll, ttt.nll_mix, source="ttt")
+        del ttt_model
+        reset_compiler(config, device)
+    elif sliding_nll is not None and ctx.is_main:
+        write_nll(run_dir / "nll.npz", val_tokens, sliding_nll[:total], None, source="sliding")
+
+    out["compile_seconds"] = sum(compile_by_stage.values())
+    out["compile_seconds_by_stage"] = compile_by_stage
+    if device.type == "cuda":
+        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if ctx.is_main:
+        write_json(run_dir / "eval.json", out)
+    dist.barrier()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from .config import add_config_arguments, config_from_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m parlm.eval",
+        description="Evaluate a run folder's quantized artifact: plain, sliding-window and "
+                    "score-first TTT BPB; writes eval.json and nll.npz (also under torchrun).")
+    parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and the artifact")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_arguments(args, args.run_dir)
+    try:
+        evaluate_run(config, args.run_dir)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""`python -m parlm.ppm`: score an NLL dump with the legacy PR #1858 byte mixture, audit it,
+or run the pipeline stage on a run folder.
+
+    python -m parlm.ppm score --npz NLL.npz --tokenizer MODEL --mode legacy [--order 5
+        --lambda-hi 0.9 --lambda-lo 0.05 --conf-threshold 0.9 --anti-hijack-nats 0.277
+        --subset-tokens N] [--json]
+    python -m parlm.ppm score --npz NLL.npz --tokenizer MODEL --mode ppmd --subset-tokens N
+    python -m parlm.ppm audit --npz NLL.npz --tokenizer MODEL [--positions 64] [--json]
+    python -m parlm.ppm run --run-dir DIR [--config CFG | --preset NAME] [--set KEY=VALUE]
+
+`--mode legacy` numbers are NOT a normalized distribution and not a valid BPB (SPEC 6.6);
+the JSON carries `normalized: false` and a note. `--mode ppmd` scores the bytes alone with a
+true PPM-D + exclusion (a normalized byte model; ~1-2 us/byte, so use a subset).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from ..config import add_config_arguments, config_from_arguments
+from .bytestream import TokenByteLayout
+from .legacy import NOT_NORMALIZED_NOTE, legacy_mixture
+from .run import audit_positions, load_nll, ppm_run
+
+
+def _layout(tokenizer: str, vocab_size: int | None) -> TokenByteLayout:
+    from ..data.tokenizer import ByteTables
+
+    return TokenByteLayout.from_byte_tables(ByteTables.from_tokenizer(tokenizer, vocab_size))
+
+
+def _add_stream_arguments(parser) -> None:
+    parser.add_argument("--npz", required=True, help="nll.npz with target, prev, nll")
+    parser.add_argument("--tokenizer", required=True, help="SentencePiece .model of the token ids")
+    parser.add_argument("--vocab-size", type=int, default=None, help="pad the byte tables to this many ids")
+    parser.add_argument("--order", type=int, default=5)
+    parser.add_argument("--lambda-hi", type=float, default=0.9)
+    parser.add_argument("--lambda-lo", type=float, default=0.05)
+    parser.add_argument("--conf-threshold", type=float, default=0.9)
+    parser.add_argument("--anti-hijack-nats", type=float, default=0.277, help="<= 0 disables the gate")
+    parser.add_argument("--subset-tokens", type=int, default=0, help="first N positions only (0 = all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _print(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+        return
+    for key, value in obj.items():
+        print(f"{key}: {value}")
+
+
+def score(args) -> dict:
+    dump = load_nll(args.npz)
+    layout = _layout(args.tokenizer, args.vocab_size)
+    keep = len(dump["target"]) if args.subset_tokens <= 0 else min(args.subset_tokens, len(dump["target"]))
+    target, prev, nll = dump["target"][:keep], dump["prev"][:keep], dump["nll"][:keep]
+    if args.mode == "legacy":
+        result = legacy_mixture(target, prev, nll, layout, order=args.order, lambda_hi=args.lambda_hi,
+                                lambda_lo=args.lambda_lo, conf_threshold=args.conf_threshold,
+                                anti_hijack_nats=args.anti_hijack_nats, trace_max=0,
+                                progress=not args.json)
+        out = result.summary()
+        out["subset_tokens"] = keep
+        return out
+    from .ppmd import ppmd_score
+
+    started = time.perf_counter()
+    stream = layout.byte_stream(target, prev, nll)
+    result = ppmd_score(stream.values, order=args.order)
+    nn_bpb = float(-stream.nn_logp.sum() / len(stream) / np.log(2)) if len(stream) else 0.0
+    return {"ppmd_bpb": result.bpb, "nn_only_bpb": nn_bpb, "bytes": len(stream),
+            "seconds": time.perf_counter() - started, "order": args.order, "subset_tokens": keep,
+            "normalized": True,
+            "note": "PPM-D (method D, exclusion) over the SPEC 6.2 byte stream, bytes alone; "
+                    "nn_only_bpb is the legacy per-byte spread (not a byte distribution)"}
+
+
+def audit(args) -> dict:
+    from .audit import audit_legacy
+
+    dump = load_nll(args.npz)
+    layout = _layout(args.tokenizer, args.vocab_size)
+    keep = len(dump["target"]) if args.subset_tokens <= 0 else min(args.subset_tokens, len(dump["target"]))
+    target, prev, nll = dump["target"][:keep], dump["prev"][:keep], dump["nll"][:keep]
+    positions = audit_positions(layout.byte_counts(target, prev), args.positions)
+    result = audit_legacy(target, prev, nll, layout, positions, order=args.order,
+                          lambda_hi=args.lambda_hi, lambda_lo=args.lambda_lo,
+                          conf_threshold=args.conf_threshold, anti_hijack_nats=args.anti_hijack_nats)
+    out = result.summary()
+    out["note"] = NOT_NORMALIZED_NOTE + "; a normalized model would give 1 for every total"
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parlm.ppm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    score_parser = commands.add_parser("score", help="score an NLL dump (legacy mixture or PPM-D)")
+    _add_stream_arguments(score_parser)
+    score_parser.add_argument("--mode", choices=("legacy", "ppmd"), default="legacy")
+    audit_parser = commands.add_parser("audit", help="implied total probability of the legacy mixture")
+    _add_stream_arguments(audit_parser)
+    audit_parser.add_argument("--positions", type=int, default=64)
+    run_parser = commands.add_parser("run", help="the pipeline stage on a run folder")
+    run_parser.add_argument("--run-dir", required=True)
+    add_config_arguments(run_parser)
+    args = parser.parse_args(argv)
+    if args.command == "score":
+        _print(score(args), args.json)
+    elif args.command == "audit":
+        _print(audit(args), args.json)
+    else:
+        config = config_from_arguments(args, run_dir=args.run_dir)
+        ppm_run(config, args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

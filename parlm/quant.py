@@ -1,0 +1,206 @@
+"""The quantization stage (SPEC 4): EMA checkpoint -> calibration Hessians -> GPTQ int6/int8
+with SDClip -> packed, byte-shuffled, brotli-11 artifact, checked against the size cap.
+
+    bytes_total = len(final_model.int6.ptz) + len(generated train_gpt.py) <= artifact_cap_bytes
+
+The code counted is the generated single-file submission script (`parlm.submission.build`),
+never a file of the package. A run over the cap keeps its artifact only as
+`final_model.int6.OVER_CAP.ptz` and raises `ArtifactTooLarge`. The work runs once, in one
+process (the reference computed it on every rank and used rank 0's; SPEC 8.5.6).
+
+CLI: `python -m parlm.quant --run-dir DIR` (writes final_model.int6.ptz and quant.json).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .artifact import compress, load_quantized_model, pack  # noqa: F401 (re-export)
+from .gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
+from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
+
+CHECKPOINT_NAME = "final_model.pt"
+ARTIFACT_NAME = "final_model.int6.ptz"
+OVER_CAP_NAME = "final_model.int6.OVER_CAP.ptz"
+CODE_NAME = "submission_train_gpt.py"
+
+
+class ArtifactTooLarge(RuntimeError):
+    """bytes_total = model + code bytes exceeds the cap; the artifact was renamed OVER_CAP."""
+
+    def __init__(self, bytes_model: int, bytes_code: int, cap: int, path: Path):
+        self.bytes_model, self.bytes_code, self.cap, self.path = bytes_model, bytes_code, cap, path
+        self.bytes_total = bytes_model + bytes_code
+        super().__init__(
+            f"artifact too large: {bytes_model:,} model bytes + {bytes_code:,} code bytes = "
+            f"{self.bytes_total:,} > cap {cap:,} by {self.bytes_total - cap:,} bytes; kept as {path}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibration_batches(config, device: torch.device, world_size: int):
+    """The first `gptq_calibration_batches` training micro-batches of rank 0 (inputs only),
+    from a fresh loader over the training shards, as in training with `world_size` ranks."""
+    from .data.loader import ShuffledSequenceLoader
+
+    loader = ShuffledSequenceLoader(config, 0, world_size, device)
+    accumulation = config.grad_accum_steps(world_size)
+    for _ in range(config.gptq_calibration_batches):
+        inputs, _ = loader.next_batch(config.train_batch_tokens, accumulation)
+        yield inputs
+
+
+def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+                   device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(weights, methods) in the reference's {"w", "m"} form (SPEC 4.4): GPTQ tensors as
+    `<name>.q` int8 + `<name>.scale` fp16, small float tensors in fp16, others unchanged."""
+    plan = quantization_plan(state_dict, hessians, config.quant_passthrough_max_numel)
+    quantized = gptq_quantize_state(state_dict, hessians, config, device)
+    weights, methods = {}, {}
+    for name, tensor in state_dict.items():
+        if plan[name] == "gptq":
+            bits = config.embed_bits if name == EMBEDDING_NAME else config.matrix_bits
+            weights[name + ".q"], weights[name + ".scale"] = quantized[name]
+            methods[name] = f"gptq (int{bits})"
+        elif plan[name] == "fp16":
+            weights[name], methods[name] = tensor.detach().cpu().to(torch.float16), "passthrough (float16)"
+        else:
+            weights[name], methods[name] = tensor.detach().cpu(), "raw"
+    return weights, methods
+
+
+def generated_code_bytes(run_dir: Path) -> tuple[int, str]:
+    """Build the submission script from the installed package, write it to
+    `<run_dir>/submission_train_gpt.py` and return (its size in bytes, its sha256)."""
+    from .submission.build import build_submission_script, write_generated_file
+
+    script = build_submission_script()
+    write_generated_file(run_dir / CODE_NAME, script)
+    return len(script), hashlib.sha256(script).hexdigest()
+
+
+def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: bool = True) -> dict:
+    """The quant stage on a run folder: reads final_model.pt, writes final_model.int6.ptz (or
+    final_model.int6.OVER_CAP.ptz) and quant.json {bytes_model, bytes_code, bytes_total, cap,
+    fits_cap, overshoot, hessian_seconds, gptq_seconds, compress_seconds, stream_bytes,
+    per_tensor, ...}; raises ArtifactTooLarge after writing them when over the cap.
+
+    `code_bytes` is the size of the code to count; by default the generated submission script
+    is built and counted (the exported script passes its own size). `statistics` adds the
+    per-tensor errors, scales and codes of `parlm.quant_stats` (the exported script skips
+    them). One process does the work; under torchrun call it on rank 0 only."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint} not found; train first with "
+                                f"`python -m parlm.train --run-dir {run_dir}`")
+    logger = RunLogger(run_dir, "quant.log")
+    launcher = dist.torchrun_environment()
+    device = dist.resolve_device(config.device, launcher[2] if launcher else 0)
+    train_info = read_json(run_dir / "train.json") if (run_dir / "train.json").exists() else {}
+    world_size = int(train_info.get("world_size", 1))
+
+    started = time.perf_counter()
+    from .model import build_model
+
+    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build_model(config, device)
+    model.load_state_dict(state_dict, strict=True)
+    model.looping_active = True
+    model.eval()
+    setup_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    large = [name for name, tensor in state_dict.items()
+             if tensor.is_floating_point() and tensor.numel() > config.quant_passthrough_max_numel]
+    hessians = {}
+    if large:  # nothing to calibrate when every tensor is small enough for fp16 passthrough
+        with tqdm(total=config.gptq_calibration_batches, desc="hessians", leave=False) as bar:
+            hessians = collect_hessians(model, calibration_batches(config, device, world_size),
+                                        config.quant_passthrough_max_numel, progress=bar,
+                                        embedding=EMBEDDING_NAME in large)
+    _synchronize(device)
+    hessian_seconds = time.perf_counter() - started
+    del model
+    distinct = len({id(h) for h in hessians.values()})
+    logger.log(f"quant: {len(hessians)} Hessians ({distinct} distinct) from {config.gptq_calibration_batches} "
+               f"batches in {hessian_seconds:.1f}s on {device}")
+
+    started = time.perf_counter()
+    weights, methods = quantize_state(config, state_dict, hessians, device)
+    _synchronize(device)
+    gptq_seconds = time.perf_counter() - started
+    logger.log(f"quant: GPTQ of {sum(m.startswith('gptq') for m in methods.values())} tensors in {gptq_seconds:.1f}s")
+
+    started = time.perf_counter()
+    payload, raw_sizes = pack(weights, methods)
+    blob, stream_sizes = compress(payload, config.compressor, stream_sizes=raw_sizes)
+    compress_seconds = time.perf_counter() - started
+
+    if code_bytes is None:
+        code_bytes, code_sha256 = generated_code_bytes(run_dir)
+    else:
+        code_sha256 = None
+    bytes_model = len(blob)
+    bytes_total = bytes_model + code_bytes
+    fits = bytes_total <= config.artifact_cap_bytes
+    path = run_dir / ARTIFACT_NAME
+    atomic_write_bytes(path, blob)
+    if not fits:
+        os.replace(path, run_dir / OVER_CAP_NAME)
+        path = run_dir / OVER_CAP_NAME
+    elif (run_dir / OVER_CAP_NAME).exists():
+        (run_dir / OVER_CAP_NAME).unlink()  # stale result of an earlier, larger attempt
+
+    per_tensor = None
+    if statistics:
+        from .quant_stats import tensor_statistics
+
+        per_tensor = tensor_statistics(state_dict, weights, methods, hessians, device)
+    result = {
+        "bytes_model": bytes_model, "bytes_code": code_bytes, "bytes_total": bytes_total,
+        "cap": config.artifact_cap_bytes, "fits_cap": fits, "overshoot": max(0, bytes_total - config.artifact_cap_bytes),
+        "artifact": path.name, "artifact_sha256": hashlib.sha256(blob).hexdigest(), "code_sha256": code_sha256,
+        "compressor": config.compressor, "payload_bytes": len(payload),
+        "stream_raw_bytes": raw_sizes, "stream_bytes": stream_sizes,
+        "setup_seconds": setup_seconds, "hessian_seconds": hessian_seconds, "gptq_seconds": gptq_seconds,
+        "compress_seconds": compress_seconds, "device": str(device), "calibration_world_size": world_size,
+        "num_hessians": len(hessians), "num_distinct_hessians": distinct, "per_tensor": per_tensor,
+    }
+    write_json(run_dir / "quant.json", result)
+    logger.metric("quant", **{k: v for k, v in result.items() if k not in ("per_tensor", "stream_raw_bytes")})
+    logger.log(f"quant: model {bytes_model:,} bytes ({config.compressor}) + code {code_bytes:,} bytes = "
+               f"{bytes_total:,} bytes; cap {config.artifact_cap_bytes:,}: {'fits' if fits else 'OVER'} "
+               f"(hessians {hessian_seconds:.1f}s, gptq {gptq_seconds:.1f}s, compress {compress_seconds:.1f}s)")
+    if not fits:
+        raise ArtifactTooLarge(bytes_model, code_bytes, config.artifact_cap_bytes, path)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from .config import add_config_arguments, config_from_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m parlm.quant",
+        description="Quantize a training run folder: Hessians, GPTQ int6/int8, brotli artifact "
+                    "final_model.int6.ptz and quant.json (bytes_total against the cap).")
+    parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and final_model.pt")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    quantize_run(config_from_arguments(args, args.run_dir), args.run_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Plots of one seed's quantization (quant.json and the artifact): per-tensor errors, scale
+distributions, compressed size by tensor group, BPB before/after and bytes_total against the
+cap. Each function returns a matplotlib Figure (no pyplot state); `quant_figures` saves PNGs
+into `<run_dir>/plots/`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import runlog
+from .artifact import read_artifact
+
+GROUP_COLORS = {"embedding": "tab:purple", "attention": "tab:blue", "mlp": "tab:orange", "other": "tab:gray",
+                "scales": "tab:green", "passthrough": "tab:red", "header": "tab:brown", "code": "black"}
+
+
+def tensor_group(name: str, method: str) -> str:
+    """embedding / attention / mlp / other for GPTQ tensors, passthrough otherwise."""
+    if not method.startswith("gptq"):
+        return "passthrough"
+    if name.startswith("tok_emb."):
+        return "embedding"
+    return "attention" if ".attn." in name else "mlp" if ".mlp." in name else "other"
+
+
+def plot_tensor_errors(quant: dict) -> Figure:
+    """Relative Frobenius error ||W - W_hat|| / ||W|| of every float tensor (log scale), and for
+    GPTQ tensors the Hessian-weighted relative error tr(D H D^T) / tr(W H W^T)."""
+    entries = [(name, e) for name, e in (quant.get("per_tensor") or {}).items() if e["rel_error"] > 0]
+    fig = Figure(figsize=(max(6.0, 0.12 * len(entries) + 2), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    positions = np.arange(len(entries))
+    colors = [GROUP_COLORS[tensor_group(n, e["method"])] for n, e in entries]
+    ax.bar(positions, [e["rel_error"] for _, e in entries], color=colors, label="||W - Ŵ|| / ||W||")
+    weighted = [(i, e["rel_hessian_error"]) for i, (_, e) in enumerate(entries) if "rel_hessian_error" in e]
+    if weighted:
+        ax.scatter(*zip(*weighted), marker="_", s=60, color="black", zorder=3, label="Hessian-weighted")
+    ax.set_yscale("log")
+    ax.set_xticks(positions, [n.replace(".weight", "") for n, _ in entries], rotation=90, fontsize=6)
+    ax.set_ylabel("relative error")
+    ax.set_title("Quantization error per tensor (colour: group)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_scale_distributions(artifact_path: str | os.PathLike) -> Figure:
+    """Histograms of the fp16 per-row scales s_r (log10) by group, from the artifact itself."""
+    weights, methods = read_artifact(artifact_path)
+    groups: dict[str, list[np.ndarray]] = {}
+    for name, method in methods.items():
+        if method.startswith("gptq"):
+            groups.setdefault(tensor_group(name, method), []).append(weights[name + ".scale"].float().numpy())
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for group, arrays in groups.items():
+        values = np.log10(np.concatenate(arrays))
+        ax.hist(values, bins=60, alpha=0.6, color=GROUP_COLORS[group], label=f"{group} ({values.size} rows)")
+    ax.set_xlabel("log10 scale (= k·std(row)/R)")
+    ax.set_ylabel("rows")
+    ax.set_title("SDClip row scales")
+    if groups:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_size_breakdown(quant: dict) -> Figure:
+    """Compressed bytes by tensor group (exact: streams are compressed separately) and code."""
+    sizes = {k: v for k, v in quant["stream_bytes"].items() if v} | {"code": quant["bytes_code"]}
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(sizes)
+    bars = ax.bar(names, [sizes[n] / 1e3 for n in names], color=[GROUP_COLORS.get(n, "gray") for n in names])
+    total = quant["bytes_total"]
+    for bar, name in zip(bars, names):
+        ax.annotate(f"{100 * sizes[name] / total:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("kB (compressed)")
+    ax.set_title(f"Artifact bytes by group (total {total:,})")
+    return fig
+
+
+def plot_cap(quant: dict) -> Figure:
+    """bytes_total = model + code as a stacked bar against the cap."""
+    fig = Figure(figsize=(6.5, 2.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.barh([0], [quant["bytes_model"]], color="tab:blue", label=f"model {quant['bytes_model']:,}")
+    ax.barh([0], [quant["bytes_code"]], left=[quant["bytes_model"]], color="black",
+            label=f"code {quant['bytes_code']:,}")
+    ax.axvline(quant["cap"], color="red", linestyle="--", label=f"cap {quant['cap']:,}")
+    ax.set_yticks([])
+    ax.set_xlabel("bytes")
+    verdict = "fits" if quant["fits_cap"] else f"OVER by {quant['overshoot']:,}"
+    ax.set_title(f"bytes_total {quant['bytes_total']:,}: {verdict}")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_bpb(before: float, after: float) -> Figure:
+    """Plain validation BPB of the EMA model and of the dequantized artifact."""
+    fig = Figure(figsize=(4.5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(["EMA (pre-quant)", "quantized"], [before, after], color=["tab:gray", "tab:blue"])
+    for bar in bars:
+        ax.annotate(f"{bar.get_height():.4f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    low = min(before, after)
+    ax.set_ylim(low - 0.05 * low, max(before, after) + 0.02 * low)
+    ax.set_ylabel("val BPB")
+    ax.set_title(f"Quantization cost: {after - before:+.4f} BPB")
+    return fig
+
+
+def quant_figures(run_dir: str | os.PathLike, bpb: dict | None = None, save: bool = True) -> dict[str, Figure]:
+    """All quantization figures of a run folder (BPB only when `bpb` = {"prequant": x,
+    "quantized": y} is given); saved as `<run_dir>/plots/quant_<name>.png`."""
+    run_dir = Path(run_dir)
+    quant = runlog.read_json(run_dir / "quant.json")
+    figures = {"tensor_errors": plot_tensor_errors(quant),
+               "scales": plot_scale_distributions(run_dir / quant["artifact"]),
+               "size_breakdown": plot_size_breakdown(quant), "cap": plot_cap(quant)}
+    if bpb is not None:
+        figures["bpb"] = plot_bpb(bpb["prequant"], bpb["quantized"])
+    if save:
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        for name, figure in figures.items():
+            figure.savefig(run_dir / "plots" / f"quant_{name}.png", dpi=110)
+    return figures

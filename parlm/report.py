@@ -1,0 +1,454 @@
+"""Per-seed summaries and the multi-seed report: statistics, a Welch t-test, plots, submission.
+
+`summarize_seed(run_dir)` gathers one seed's stage results (train.json, quant.json, eval.json,
+ppm.json) into `summary.json`. `build_report(run_root, baseline, out_dir)` puts the seeds of a
+run side by side (table, mean and sample standard deviation, worst-case bytes_total), tests the
+TTT BPB against a baseline set of seeds with Welch's t-test (another run's folder, or the
+published PR #1858 seeds in `parlm/reference/pr1858.json`), draws the plots and exports the
+submission folder.
+
+Entry point: `python -m parlm.report --run-root runs/<id> [--baseline runs/<other>|pr1858]
+--out DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import runlog
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+ARTIFACT_CAP_BYTES = 16_000_000
+
+# The columns of the per-seed table, in display order (valid BPBs first; the legacy PPM mixture
+# last because it is not a normalized distribution, SPEC 6.6).
+TABLE_COLUMNS = ("seed", "steps", "train_seconds", "prequant_bpb", "quantized_bpb", "sliding_bpb",
+                 "ttt_bpb", "mix_bpb_legacy", "bytes_model", "bytes_code", "bytes_total")
+BPB_STAGES = ("prequant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb")
+
+# (stage result file, the pipeline stage that writes it, {summary key: file key}, required keys)
+_SOURCES = (
+    ("train.json", "train",
+     {"steps": "steps", "train_seconds": "train_seconds", "prequant_bpb": "prequant_bpb",
+      "prequant_seconds": "prequant_seconds", "live_val_bpb": "live_val_bpb",
+      "peak_memory_mib": "peak_memory_mib", "world_size": "world_size", "device": "device",
+      "attention_backend": "attention_backend", "looping_step": "looping_step"},
+     ("steps", "train_seconds", "prequant_bpb")),
+    ("quant.json", "quant",
+     {"bytes_model": "bytes_model", "bytes_code": "bytes_code", "bytes_total": "bytes_total",
+      "fits_cap": "fits_cap", "cap": "cap", "hessian_seconds": "hessian_seconds",
+      "gptq_seconds": "gptq_seconds", "compress_seconds": "compress_seconds"},
+     ("bytes_model", "bytes_code", "bytes_total")),
+    ("eval.json", "eval",
+     {"quantized_bpb": "quantized_bpb", "sliding_bpb": "sliding_bpb", "ttt_bpb": "ttt_bpb",
+      "quantized_seconds": "quantized_seconds", "sliding_seconds": "sliding_seconds",
+      "ttt_seconds": "ttt_seconds", "compile_seconds": "compile_seconds",
+      "mix_valid_bpb": "mix_valid_bpb"},
+     ("quantized_bpb", "ttt_bpb")),
+    ("ppm.json", "ppm",
+     {"mix_bpb_legacy": "mix_bpb", "ppm_only_bpb": "ppm_only_bpb", "nn_only_bpb": "nn_only_bpb",
+      "gate_skip": "gate_skip", "ppm_bytes": "bytes", "ppm_seconds": "seconds",
+      "ppm_subset_tokens": "subset_tokens"},
+     ()),
+)
+EVAL_SECONDS_KEYS = ("prequant_seconds", "quantized_seconds", "sliding_seconds", "ttt_seconds",
+                     "ppm_seconds")
+
+
+class MissingStageError(FileNotFoundError):
+    """A stage result file a summary needs is absent; the message names the stage to run."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics (no scipy): sample moments, the regularized incomplete beta, Student t, Welch.
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean sum(x)/n."""
+    values = list(values)
+    if not values:
+        raise ValueError("mean of no values")
+    return math.fsum(values) / len(values)
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation sqrt(sum((x - mean)^2) / (n - 1)) (ddof=1, as the PR reports);
+    nan for fewer than two values."""
+    values = list(values)
+    if len(values) < 2:
+        return math.nan
+    m = mean(values)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1))
+
+
+def _beta_continued_fraction(x: float, a: float, b: float) -> float:
+    """Continued fraction of I_x(a, b) (modified Lentz), valid for x < (a + 1)/(a + b + 2)."""
+    tiny, eps = 1e-300, 1e-16
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        for numerator in (m * (b - m) * x / ((a + m2 - 1.0) * (a + m2)),
+                          -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < eps:
+            return result
+    raise ArithmeticError(f"incomplete beta did not converge (x={x}, a={a}, b={b})")
+
+
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) = B(x; a, b) / B(a, b) = (1/B(a,b)) * integral_0^x t^(a-1) (1-t)^(b-1) dt.
+
+    Evaluated with the continued fraction of Numerical Recipes (6.4), using the symmetry
+    I_x(a, b) = 1 - I_(1-x)(b, a) where the fraction converges slowly."""
+    if a <= 0 or b <= 0:
+        raise ValueError(f"a and b must be positive, got a={a}, b={b}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must lie in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(x, a, b) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(1.0 - x, b, a) / b
+
+
+def student_t_sf(t: float, df: float) -> float:
+    """Upper tail P(T > t) of Student's t with `df` degrees of freedom:
+    P(|T| > |t|) = I_(df/(df + t^2))(df/2, 1/2), halved and reflected by the sign of t."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    two_sided = regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
+    return 0.5 * two_sided if t >= 0 else 1.0 - 0.5 * two_sided
+
+
+@dataclass
+class WelchResult:
+    """Welch's unequal-variance t-test of mean(a) - mean(b).
+
+    t = (mean_a - mean_b) / sqrt(var_a/n_a + var_b/n_b), var = sample variance (ddof=1);
+    df = (var_a/n_a + var_b/n_b)^2 / ((var_a/n_a)^2/(n_a-1) + (var_b/n_b)^2/(n_b-1))
+    (Welch-Satterthwaite); p_two_sided = P(|T_df| >= |t|); p_less = P(T_df <= t) tests
+    mean_a < mean_b (a lower BPB than the baseline)."""
+
+    mean_a: float
+    mean_b: float
+    std_a: float
+    std_b: float
+    n_a: int
+    n_b: int
+    difference: float
+    t: float
+    df: float
+    p_two_sided: float
+    p_less: float
+    p_greater: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
+    """Welch's t-test of two independent samples (each of at least two values); see WelchResult.
+
+    Two samples with zero variance give t = +-inf and p = 0 when the means differ, t = 0 and
+    p = 1 when they are equal."""
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"Welch's t-test needs at least two values per sample, got {len(a)} and "
+                         f"{len(b)}; run more seeds (--seeds 42 314 999)")
+    mean_a, mean_b = mean(a), mean(b)
+    std_a, std_b = sample_std(a), sample_std(b)
+    share_a, share_b = std_a ** 2 / len(a), std_b ** 2 / len(b)
+    se2 = share_a + share_b
+    difference = mean_a - mean_b
+    if se2 == 0.0:
+        t = 0.0 if difference == 0 else math.copysign(math.inf, difference)
+        df = float(len(a) + len(b) - 2)
+    else:
+        t = difference / math.sqrt(se2)
+        df = se2 ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+    upper = student_t_sf(t, df)
+    return WelchResult(mean_a=mean_a, mean_b=mean_b, std_a=std_a, std_b=std_b, n_a=len(a),
+                       n_b=len(b), difference=difference, t=t, df=df,
+                       p_two_sided=min(1.0, 2.0 * min(upper, 1.0 - upper)),
+                       p_less=1.0 - upper, p_greater=upper)
+
+
+# ----------------------------------------------------------------------------------------------
+# One seed
+
+def _seed_of(run_dir: Path) -> int | None:
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        from .config import Config
+
+        return Config.load(config_path).seed
+    name = run_dir.name
+    return int(name.split("_", 1)[1]) if name.startswith("seed_") and name[5:].isdigit() else None
+
+
+def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
+    """Assemble `summary.json` of one seed from its stage result files.
+
+    Keys: seed, steps, train_seconds, prequant_bpb, quantized_bpb, sliding_bpb, ttt_bpb,
+    mix_bpb_legacy (ppm.json mix_bpb: NOT a valid BPB, SPEC 6.6), bytes_model, bytes_code,
+    bytes_total, the seconds of each evaluation stage (prequant, quantized, sliding, ttt, ppm)
+    and their sum `eval_seconds_total`, plus the optional extras the stage files carry.
+    A missing file raises MissingStageError naming the stage and the command that makes it."""
+    run_dir = Path(run_dir)
+    summary: dict[str, Any] = {"seed": _seed_of(run_dir)}
+    for file_name, stage, mapping, required in _SOURCES:
+        path = run_dir / file_name
+        if not path.exists():
+            raise MissingStageError(
+                f"{path} is missing: the '{stage}' stage has not finished for this seed; run "
+                f"`python -m parlm.{stage} --run-dir {run_dir}` (or resume the whole run with "
+                f"`python -m parlm.run ... --run-id {run_dir.parent.name}`)")
+        data = runlog.read_json(path)
+        absent = [data_key for data_key in (mapping[k] for k in required) if data_key not in data]
+        if absent:
+            raise MissingStageError(f"{path} lacks {absent}; rerun the '{stage}' stage")
+        for summary_key, data_key in mapping.items():
+            summary[summary_key] = data.get(data_key)
+    seconds = [summary.get(k) for k in EVAL_SECONDS_KEYS]
+    summary["eval_seconds_total"] = math.fsum(s for s in seconds if isinstance(s, (int, float)))
+    if write:
+        runlog.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds
+
+def seed_dirs(run_root: str | Path) -> list[Path]:
+    """The `seed_<n>` folders of a run, sorted by seed number."""
+    root = Path(run_root)
+    found = [p for p in root.glob("seed_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_run_summaries(run_root: str | Path) -> list[dict[str, Any]]:
+    """One summary per finished seed of a run (summary.json, else assembled from stage files).
+
+    Raises FileNotFoundError when the folder holds no seed with all stage results."""
+    summaries, problems = [], []
+    for directory in seed_dirs(run_root):
+        path = directory / "summary.json"
+        try:
+            summaries.append(runlog.read_json(path) if path.exists()
+                             else summarize_seed(directory, write=False))
+        except MissingStageError as exc:
+            problems.append(str(exc))
+    if not summaries:
+        detail = ("; ".join(problems)) if problems else "no seed_<n> folders"
+        raise FileNotFoundError(f"{run_root} holds no finished seed ({detail})")
+    return summaries
+
+
+def load_reference(name: str = "pr1858") -> dict[str, Any]:
+    """A published baseline recorded in parlm/reference/<name>.json."""
+    path = REFERENCE_DIR / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in REFERENCE_DIR.glob("*.json"))
+        raise FileNotFoundError(f"no reference {name!r}; known: {known} or a run folder")
+    return runlog.read_json(path)
+
+
+def load_baseline(baseline: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """(label, per-seed summaries) of a baseline: a reference name (`pr1858`) or a run folder."""
+    text = str(baseline)
+    if (REFERENCE_DIR / f"{text}.json").exists() and not Path(text).is_dir():
+        reference = load_reference(text)
+        return reference.get("name", text), list(reference["seeds"].values())
+    return f"run {Path(text).name}", load_run_summaries(text)
+
+
+def column_statistics(summaries: Sequence[dict[str, Any]],
+                      columns: Iterable[str] = TABLE_COLUMNS) -> dict[str, dict[str, float]]:
+    """{column: {mean, std, min, max, n}} over the seeds that have a number in that column."""
+    stats = {}
+    for column in columns:
+        if column == "seed":
+            continue
+        values = [s[column] for s in summaries if isinstance(s.get(column), (int, float))
+                  and not isinstance(s.get(column), bool)]
+        if values:
+            stats[column] = {"mean": mean(values), "std": sample_std(values), "min": min(values),
+                             "max": max(values), "n": len(values)}
+    return stats
+
+
+def _format(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if column.endswith("_bpb") or column == "mix_bpb_legacy":
+        return f"{value:.5f}"
+    if column.startswith("bytes") or column in ("steps", "seed"):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]], stats: dict[str, dict[str, float]],
+                   columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The per-seed table with mean and std rows, as GitHub markdown."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in summaries:
+        lines.append("| " + " | ".join(_format(c, row.get(c)) for c in columns) + " |")
+    for label in ("mean", "std"):
+        cells = [label]
+        for column in columns[1:]:
+            value = stats.get(column, {}).get(label)
+            if value is None or math.isnan(value):
+                cells.append("-")
+            elif column.endswith("_bpb") or column == "mix_bpb_legacy":
+                cells.append(f"{value:.5f}")
+            else:
+                cells.append(f"{value:,.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def export_submission(run_root: Path, out_dir: Path) -> dict[str, Any]:
+    """Export the records folder with the quantization area's `parlm.submission.export(run_root,
+    out_dir)`. A run it refuses (unfinished seed, a seed over the cap) is recorded with the
+    reason instead of failing the whole report; so is a parlm without that module."""
+    try:
+        from .submission import export
+        from .submission.records import ExportError
+    except ImportError as exc:
+        return {"exported": False, "reason": f"parlm.submission.export is not available ({exc})"}
+    try:
+        result = export(run_root, out_dir)
+    except ExportError as exc:
+        return {"exported": False, "reason": f"submission not exported: {exc}"}
+    keys = ("val_bpb", "val_bpb_std", "bytes_total", "bytes_code", "cap", "code_sha256")
+    return {"exported": True, "path": str(out_dir), **{k: result.get(k) for k in keys}}
+
+
+def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
+                 out_dir: str | Path | None = None, plots: bool = True,
+                 submission: bool = True) -> dict[str, Any]:
+    """Write the multi-seed report of `run_root` into `out_dir` (default `<run_root>/report`).
+
+    Files: `report.json` (per-seed summaries, column statistics, worst-case bytes_total and the
+    cap check, Welch test of ttt_bpb against the baseline), `table.md`, `plots/*.png`, and
+    `submission/` (from parlm.submission). Returns the report dict."""
+    run_root = Path(run_root)
+    out_dir = Path(out_dir) if out_dir is not None else run_root / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = load_run_summaries(run_root)
+    stats = column_statistics(summaries)
+    totals = [s["bytes_total"] for s in summaries if s.get("bytes_total") is not None]
+    worst = max(totals) if totals else None
+    report: dict[str, Any] = {
+        "run_root": str(run_root.resolve()),
+        "seeds": [s["seed"] for s in summaries],
+        "summaries": summaries,
+        "statistics": stats,
+        "worst_bytes_total": worst,
+        "artifact_cap_bytes": ARTIFACT_CAP_BYTES,
+        "fits_cap": None if worst is None else worst <= ARTIFACT_CAP_BYTES,
+    }
+    base: list[dict[str, Any]] = []
+    label = "baseline"
+    if baseline is not None:
+        label, base = load_baseline(baseline)
+        ours = [s["ttt_bpb"] for s in summaries if s.get("ttt_bpb") is not None]
+        theirs = [s["ttt_bpb"] for s in base if s.get("ttt_bpb") is not None]
+        entry: dict[str, Any] = {"label": label, "source": str(baseline),
+                                 "seeds": [s.get("seed") for s in base]}
+        try:
+            entry["welch_ttt_bpb"] = welch_t_test(ours, theirs).to_dict()
+        except ValueError as exc:
+            entry["welch_ttt_bpb"] = None
+            entry["welch_note"] = str(exc)
+        report["baseline"] = entry
+    table = markdown_table(summaries, stats)
+    (out_dir / "table.md").write_text(table + "\n")
+    if plots:
+        from . import plots as plotting
+
+        # Another run of ours shares the scale; published 8xH100 figures would flatten a demo.
+        overlay = base if baseline is not None and Path(str(baseline)).is_dir() else []
+        report["plots"] = plotting.save_report_plots(run_root, summaries, out_dir / "plots",
+                                                     overlay, label)
+    if submission:
+        report["submission"] = export_submission(run_root, out_dir / "submission")
+    runlog.write_json(out_dir / "report.json", report)
+    return report
+
+
+def format_report(report: dict[str, Any], table: bool = True) -> str:
+    """A short human-readable account of a report dict (what the CLI prints)."""
+    lines = [markdown_table(report["summaries"], report["statistics"]), ""] if table else []
+    worst = report.get("worst_bytes_total")
+    if worst is not None:
+        verdict = "fits" if report["fits_cap"] else "EXCEEDS"
+        lines.append(f"worst-case bytes_total {worst:,} {verdict} the {ARTIFACT_CAP_BYTES:,}-byte cap")
+    baseline = report.get("baseline")
+    if baseline:
+        welch = baseline.get("welch_ttt_bpb")
+        if welch:
+            lines.append(
+                f"TTT BPB vs {baseline['label']}: diff {welch['difference']:+.5f} "
+                f"(t={welch['t']:.3f}, df={welch['df']:.2f}, p two-sided={welch['p_two_sided']:.3g}, "
+                f"p(ours lower)={welch['p_less']:.3g})")
+        else:
+            lines.append(f"TTT BPB vs {baseline['label']}: {baseline.get('welch_note')}")
+    sub = report.get("submission")
+    if sub:
+        lines.append(f"submission: {sub.get('path') if sub.get('exported') else sub.get('reason')}")
+    lines.append("note: mix_bpb_legacy is the PR #1858 PPM byte mixture; it is not a valid BPB "
+                 "(not a normalized distribution, SPEC 6.6).")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m parlm.report",
+        description="Multi-seed report of a parlm run: per-seed table, mean/std, Welch t-test of "
+                    "TTT BPB against a baseline, worst-case bytes_total, plots, submission folder.")
+    parser.add_argument("--run-root", required=True, help="run folder runs/<run_id> with seed_<n>/")
+    parser.add_argument("--baseline", default="pr1858",
+                        help="another run folder, or 'pr1858' (published PR #1858 seeds), or "
+                             "'none' (default: pr1858)")
+    parser.add_argument("--out", help="output folder (default: <run-root>/report)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-submission", action="store_true", help="skip the submission export")
+    parser.add_argument("--summarize", action="store_true",
+                        help="(re)write each seed's summary.json from its stage files first")
+    args = parser.parse_args(argv)
+    try:
+        if args.summarize:
+            for directory in seed_dirs(args.run_root):
+                summarize_seed(directory)
+        baseline = None if str(args.baseline).lower() == "none" else args.baseline
+        report = build_report(args.run_root, baseline, args.out, plots=not args.no_plots,
+                              submission=not args.no_submission)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"report written to {Path(args.out) if args.out else Path(args.run_root) / 'report'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Run folders: logs, metrics, JSON results and stage markers.
+
+Layout of `runs/<run_id>/seed_<seed>/` (DESIGN.md): `config.yaml`, `train.log`,
+`metrics.jsonl` (one JSON object per logged step or stage, each with a `stage` key),
+stage result files (`train.json`, `quant.json`, `eval.json`, `ppm.json`), `nll.npz`,
+`summary.json`, `plots/`. Files are written atomically (temp file + rename) so nothing
+half-written ever looks complete; `stage_done` markers drive resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import dist
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _finite(obj: Any) -> Any:
+    """Replace non-finite floats by None so files stay strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write `obj` as indented, strict JSON."""
+    text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_metrics(run_dir: str | os.PathLike, stage: str | None = None) -> list[dict]:
+    """All records of `metrics.jsonl` (optionally only those with `stage == stage`)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+def stage_marker(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / ".stages" / f"{stage}.done"
+
+
+def mark_stage_done(run_dir: str | os.PathLike, stage: str) -> None:
+    """Record that `stage` finished (written last, after all its outputs)."""
+    atomic_write_bytes(stage_marker(run_dir, stage), time.strftime("%Y-%m-%dT%H:%M:%S").encode())
+
+
+def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
+    return stage_marker(run_dir, stage).exists()
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and device facts that every log starts with (STYLE 6)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def nvidia_smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class RunLogger:
+    """Rank-0 logger for one run folder: human lines to `<name>.log` and stdout, machine
+    records to `metrics.jsonl`. Other ranks are silent, so it is safe to call everywhere."""
+
+    def __init__(self, run_dir: str | os.PathLike | None, log_name: str = "train.log", echo: bool = True):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.log_name = log_name
+        self.echo = echo
+        if self.run_dir is not None and dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, message: str, console: bool = True) -> None:
+        if not dist.is_main():
+            return
+        if console and self.echo:
+            print(message, flush=True)
+        if self.run_dir is not None:
+            with open(self.run_dir / self.log_name, "a", encoding="utf-8") as fh:
+                fh.write(message + "\n")
+
+    def metric(self, stage: str, **record: Any) -> None:
+        """Append one JSON record `{"stage": stage, "time": unix_seconds, **record}`."""
+        if not dist.is_main() or self.run_dir is None:
+            return
+        row = {"stage": stage, "time": round(time.time(), 3), **record}
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_finite(row), default=_json_default) + "\n")
+
+    def header(self, config) -> None:
+        """Log the resolved config, versions, device and nvidia-smi (rank 0)."""
+        self.log("=" * 100, console=False)
+        for key, value in config.to_dict().items():
+            self.log(f"  {key}: {value}", console=False)
+        for key, value in environment_info().items():
+            self.log(f"{key}: {value}")
+        smi = nvidia_smi()
+        if smi:
+            self.log(smi, console=False)
+        self.log("=" * 100, console=False)

@@ -1,0 +1,265 @@
+"""Score-first test-time training (SPEC 5.3), the headline metric.
+
+The validation stream is cut into chunks of `ttt_chunk_tokens` scored positions. For each
+chunk, in stream order:
+
+1. **Score** its sliding windows (SPEC 5.2; eval mode, no grad, compiled), split
+   contiguously across ranks. These NLLs are the score; nothing later revises them.
+2. **Then train** on the chunk (never on the last one): its ⌊(end − start)/L⌋ aligned
+   L-token sequences, split contiguously across ranks, `ttt_epochs` passes, one SGD step per
+   minibatch of `ttt_batch_seqs` sequences: bf16-autocast forward/backward, gradients averaged
+   across ranks, global-norm clip `ttt_grad_clip_norm`, SGD(momentum `ttt_momentum`) at
+   lr_ci = ttt_lr · ½(1 + cos(π·ci/(num_chunks − 1))). All parameters train; one optimizer
+   (one momentum buffer) serves the whole pass.
+
+Training targets are positions [chunk_start, chunk_start + n·L] ⊂ positions already scored,
+so every score depends only on the artifact and the strict prefix (Issue #1017 C1-C4).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from . import dist
+from .config import Config
+from .eval import (EvalResult, WindowScorer, autocast_context, compile_enabled, loss_and_bpb,
+                   plan_ttt_chunks, synchronize)
+
+
+@dataclass
+class TTTResult:
+    """Outcome of one score-first TTT pass.
+
+    `result` is the neural score. `chunks` has one dict per chunk: chunk, start, end, tokens,
+    bytes, loss, bpb (scored before the chunk's update: these numbers make up the score), lr
+    (0 for the untrained last chunk) and, only when the diagnostic was requested,
+    `diagnostic_bpb_after_update` (the chunk re-scored after training on it; never part of the
+    score). On rank 0, `nll` (float64 [T], nats, stream order) and `nll_mix`; `mix` is the
+    valid mixture's score when one ran."""
+
+    result: EvalResult
+    chunks: list[dict]
+    nll: np.ndarray | None = None
+    nll_mix: np.ndarray | None = None
+    mix: EvalResult | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def chunk_learning_rate(config: Config, chunk_index: int, num_chunks: int) -> float:
+    """lr_ci = ttt_lr · ½(1 + cos(π·ci / max(num_chunks − 1, 1))) (cosine across chunks)."""
+    return config.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * chunk_index / max(num_chunks - 1, 1)))
+
+
+def training_minibatches(config: Config, chunk_start: int, chunk_end: int, rank: int,
+                         world_size: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges of this rank's minibatches for one epoch on a chunk: the
+    ⌊(chunk_end − chunk_start)/L⌋ aligned sequences split contiguously across ranks, then cut
+    into groups of `ttt_batch_seqs`; a range covers inputs [start, end) and targets shifted by
+    one, so the last target position is end (≤ chunk_end)."""
+    seq_len = config.eval_seq_len
+    chunk_seqs = (chunk_end - chunk_start) // seq_len
+    first, end = dist.contiguous_share(chunk_seqs, rank, world_size)
+    ranges = []
+    for batch_first in range(first, end, config.ttt_batch_seqs):
+        batch_end = min(batch_first + config.ttt_batch_seqs, end)
+        ranges.append((chunk_start + batch_first * seq_len, chunk_start + batch_end * seq_len))
+    return ranges
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average every parameter's gradient across ranks: one flat float32 SUM all-reduce, then
+    ÷ world_size and a cast back to each gradient's dtype. Equivalent to the reference's
+    per-tensor AVG, but bf16 gradients (the embedding) are summed in float32. Missing
+    gradients count as zeros."""
+    if world_size <= 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+    torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+    flat.div_(world_size)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+class TTTTrainer:
+    """The training half of TTT: one SGD(momentum) optimizer over all parameters and a
+    (optionally compiled) forward `model(x, y) -> mean CE` under bf16 autocast."""
+
+    def __init__(self, config: Config, model, ctx, compile: bool | None = None):
+        self.config, self.model, self.ctx = config, model, ctx
+        self.params = list(model.parameters())
+        for p in self.params:
+            p.requires_grad_(True)
+        use_compile = compile_enabled(config, ctx.device) if compile is None else compile
+        self.compiled = use_compile and config.ttt_compile_train
+        self.forward = torch.compile(model, dynamic=False, fullgraph=True) if self.compiled else model
+        self.optimizer = torch.optim.SGD(self.params, lr=config.ttt_lr, momentum=config.ttt_momentum)
+
+    def warmup(self, batch_sizes: set[int]) -> None:
+        """Compile the train-mode forward/backward for each minibatch size on token id 0
+        without stepping the optimizer (gradients are dropped); no-op when not compiled."""
+        if not self.compiled:
+            return
+        self.model.train()
+        for size in sorted(batch_sizes):
+            x = torch.zeros(size, self.config.eval_seq_len, dtype=torch.int64, device=self.ctx.device)
+            with autocast_context(self.ctx.device):
+                loss = self.forward(x, x)
+            loss.backward()
+        for p in self.params:
+            p.grad = None
+        synchronize(self.ctx.device)
+
+    def step(self, tokens: torch.Tensor, start: int, end: int, lr: float,
+             on_train: Callable | None = None) -> None:
+        """One SGD step on inputs tokens[start:end], targets tokens[start+1:end+1]."""
+        seq_len = self.config.eval_seq_len
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        if end > start:
+            x = tokens[start:end].view(-1, seq_len)
+            y = tokens[start + 1:end + 1].view(-1, seq_len)
+            if on_train is not None:  # positions start..end-1 (targets start+1..end)
+                on_train(start, end - 1)
+            with autocast_context(self.ctx.device):
+                loss = self.forward(x, y)
+            loss.backward()
+        average_gradients(self.params, self.ctx.world_size)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.ttt_grad_clip_norm)
+        self.optimizer.step()
+
+
+def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx,
+                 mixture=None, diagnostic_after: bool = False, warmup: bool = True,
+                 on_score: Callable | None = None, on_train: Callable | None = None,
+                 show_progress: bool = False, logger=None) -> TTTResult:
+    """Score-first TTT over the validation stream (SPEC 5.3; module docstring).
+
+    `model` is adapted in place (pass a fresh copy of the artifact). loss = Σnll/N and
+    bpb = Σnll/(ln2·Σbytes) over the positions as scored before each chunk's update. With a
+    valid `mixture` (`TokenNgramMixture`), every rank calls `mixture.nll(logits, positions)`
+    on its scored positions and `mixture.advance(chunk_end)` after each chunk, and the mixed
+    score is returned in `mix`. Per-position NLLs are reduced to rank 0 (a reduce, not an
+    all-reduce). `warmup` compiles on dummy batches first and reports that time separately in
+    `extra["compile_seconds"]`. `on_score(positions, nll)` and `on_train(first_position,
+    last_position)` (position p predicts token p+1) are instrumentation hooks for the compliance tests."""
+    device = ctx.device
+    seq_len, stride, chunk_tokens = config.eval_seq_len, config.eval_stride, config.ttt_chunk_tokens
+    scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
+    tokens, total = scorer.tokens, scorer.total_tokens
+    bounds = plan_ttt_chunks(total, seq_len, stride, chunk_tokens)
+    num_chunks = len(bounds) - 1
+    trainer = TTTTrainer(config, model, ctx)
+    compile_seconds = 0.0
+    if warmup:
+        t0 = time.perf_counter()
+        model.eval()
+        scorer.warmup()
+        sizes = {(end - start) // seq_len
+                 for ci in range(num_chunks - 1) if config.ttt_epochs > 0
+                 for start, end in training_minibatches(
+                     config, ci * chunk_tokens, min((ci + 1) * chunk_tokens, total), ctx.rank, ctx.world_size)}
+        trainer.warmup({s for s in sizes if s > 0})
+        compile_seconds = time.perf_counter() - t0
+
+    width = 4 if mixture is not None else 3
+    chunk_sums = torch.zeros(num_chunks, width, dtype=torch.float64, device=device)
+    after_sums = torch.zeros(num_chunks, 3, dtype=torch.float64, device=device) if diagnostic_after else None
+    nll_out = torch.zeros(total + 1, dtype=torch.float32, device=device)
+    mix_out = torch.zeros(total + 1, dtype=torch.float64, device=device) if mixture is not None else None
+    lrs = [0.0] * num_chunks
+    progress = None
+    if show_progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=num_chunks, desc="TTT chunks", unit="chunk", leave=False)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for ci in range(num_chunks):
+        chunk_start, chunk_end = ci * chunk_tokens, min((ci + 1) * chunk_tokens, total)
+        first, end = dist.contiguous_share(int(bounds[ci + 1] - bounds[ci]), ctx.rank, ctx.world_size)
+        model.eval()
+        scorer.score(int(bounds[ci]) + first, int(bounds[ci]) + end, chunk_sums[ci], nll_out=nll_out,
+                     mixture=mixture, mix_out=mix_out, on_score=on_score)
+        if mixture is not None:
+            mixture.advance(chunk_end)
+        if ci == num_chunks - 1 or config.ttt_epochs <= 0:
+            if progress is not None:
+                progress.update(1)
+            continue
+        lrs[ci] = chunk_learning_rate(config, ci, num_chunks)
+        ranges = training_minibatches(config, chunk_start, chunk_end, ctx.rank, ctx.world_size)
+        steps = max(len(training_minibatches(config, chunk_start, chunk_end, r, ctx.world_size))
+                    for r in range(ctx.world_size))  # same synchronous step count on every rank
+        model.train()
+        for _ in range(config.ttt_epochs):
+            for index in range(steps):
+                start, stop = ranges[index] if index < len(ranges) else (chunk_start, chunk_start)
+                trainer.step(tokens, start, stop, lrs[ci], on_train=on_train)
+        if after_sums is not None:  # diagnostic only: re-scores the chunk, never enters the score
+            model.eval()
+            scorer.score(int(bounds[ci]) + first, int(bounds[ci]) + end, after_sums[ci])
+        if progress is not None:
+            progress.update(1)
+    dist.all_reduce_sum(chunk_sums)
+    if after_sums is not None:
+        dist.all_reduce_sum(after_sums)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress.close()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+
+    totals = chunk_sums.sum(0).tolist()
+    loss, bpb = loss_and_bpb(totals[0], totals[1], totals[2])
+    result = EvalResult(loss=loss, bpb=bpb, tokens=totals[1], bytes=totals[2], seconds=seconds)
+    chunks = chunk_records(chunk_sums.tolist(), after_sums.tolist() if after_sums is not None else None,
+                           lrs, chunk_tokens, total)
+    mix = None
+    if mixture is not None:
+        mix_loss, mix_bpb = loss_and_bpb(totals[3], totals[1], totals[2])
+        mix = EvalResult(loss=mix_loss, bpb=mix_bpb, tokens=totals[1], bytes=totals[2], seconds=seconds)
+    nll = reduce_to_main(nll_out, ctx)
+    nll_mix = reduce_to_main(mix_out, ctx) if mix_out is not None else None
+    return TTTResult(result=result, chunks=chunks,
+                     nll=None if nll is None else nll[:total].astype(np.float64),
+                     nll_mix=None if nll_mix is None else nll_mix[:total].astype(np.float64),
+                     mix=mix, extra={"compile_seconds": compile_seconds, "num_chunks": num_chunks})
+
+
+def reduce_to_main(buffer: torch.Tensor, ctx) -> np.ndarray | None:
+    """SUM-reduce a per-position buffer (each position written by exactly one rank, zeros
+    elsewhere, so the sum is exact) to rank 0; numpy on rank 0, None on other ranks."""
+    if ctx.world_size > 1:
+        torch_dist.reduce(buffer, dst=0, op=torch_dist.ReduceOp.SUM)
+    return buffer.cpu().numpy() if ctx.is_main else None
+
+
+def chunk_records(sums: list[list[float]], after: list[list[float]] | None, lrs: list[float],
+                  chunk_tokens: int, total: int) -> list[dict]:
+    """Per-chunk dicts: the scored numbers (before the chunk's update) and, if measured, the
+    labelled after-update diagnostic."""
+    records = []
+    for ci, row in enumerate(sums):
+        loss, bpb = loss_and_bpb(row[0], row[1], row[2]) if row[1] > 0 else (float("nan"),) * 2
+        record = {"chunk": ci, "start": ci * chunk_tokens, "end": min((ci + 1) * chunk_tokens, total),
+                  "tokens": row[1], "bytes": row[2], "loss": loss, "bpb": bpb, "lr": lrs[ci]}
+        if len(row) > 3 and row[1] > 0:
+            record["mix_bpb"] = loss_and_bpb(row[3], row[1], row[2])[1]
+        if after is not None and after[ci][1] > 0:
+            record["diagnostic_bpb_after_update"] = loss_and_bpb(*after[ci])[1]
+        records.append(record)
+    return records

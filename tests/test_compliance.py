@@ -1,0 +1,242 @@
+"""Issue #1017's conditions on the scored pass (SPEC 9.2), each checked independently on a
+tiny CPU model:
+
+C1 strict causal dependence: changing tokens after position t leaves every earlier score
+   unchanged (sliding and TTT);
+C2 full normalised distribution: each scored NLL is −log of one softmax distribution over the
+   whole vocabulary, fixed before the realised token is seen (also for the valid mixture);
+C3 score before update: TTT trains only on targets already scored (instrumented model);
+C4 single pass: every position is scored exactly once (sliding and TTT).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parlm.eval import eval_val_sliding
+from parlm.mixture import TokenNgramMixture
+from parlm.ttt import eval_val_ttt
+
+from test_eval import (CPU, single_thread, synthetic_byte_tables, tiny_eval_config, tiny_model,  # noqa: F401
+                       token_stream)
+
+TOTAL = 448  # 4 TTT chunks of 128 (the last one partial), 53 windows of 32 with stride 8
+
+
+def run_ttt(config, model, tokens, **kwargs):
+    return eval_val_ttt(config, copy.deepcopy(model), tokens, synthetic_byte_tables(config.vocab_size),
+                        CPU, **kwargs)
+
+
+def perturb_after(tokens: torch.Tensor, first_changed: int, seed: int = 7) -> torch.Tensor:
+    """A copy whose tokens at indices >= first_changed are all different."""
+    rng = np.random.default_rng(seed)
+    changed = tokens.clone()
+    tail = changed[first_changed:].numpy()
+    changed[first_changed:] = torch.from_numpy(
+        ((tail + rng.integers(1, 1023, tail.shape)) % 1024).astype(np.int32))
+    return changed
+
+
+# ----------------------------------------------------------------------------------------
+# C1
+
+@pytest.mark.parametrize("first_changed", [100, 129, 300, 447])
+def test_c1_ttt_scores_do_not_depend_on_future_tokens(first_changed):
+    """Neural TTT scores and the valid mixture's scores (which adapt its counts and gate)."""
+    config = tiny_eval_config(eval_batch_seqs=6, ttt_lr=0.05, mixture_enabled=True, mixture_order=2)
+    model = tiny_model(config)
+
+    def scores(stream):
+        result = run_ttt(config, model, stream, mixture=TokenNgramMixture(config, stream, 1024, "cpu"))
+        return result.nll, result.nll_mix
+
+    tokens = token_stream(TOTAL, config.vocab_size)
+    for base, changed in zip(scores(tokens), scores(perturb_after(tokens, first_changed))):
+        # Position p scores token p+1 from tokens <= p: entries p < first_changed - 1 must not move.
+        np.testing.assert_array_equal(changed[:first_changed - 1], base[:first_changed - 1])
+        assert np.abs(changed[first_changed - 1:] - base[first_changed - 1:]).max() > 1e-3
+
+
+def test_c1_sliding_scores_do_not_depend_on_future_tokens():
+    config = tiny_eval_config(eval_batch_seqs=4)
+    model = tiny_model(config)
+    tokens = token_stream(TOTAL, config.vocab_size)
+    tables = synthetic_byte_tables(config.vocab_size)
+
+    def scores(stream):
+        out = np.full(TOTAL, np.nan)
+        eval_val_sliding(config, model, stream, tables, CPU,
+                         on_score=lambda pos, nll: out.__setitem__(pos.numpy(), nll.double().numpy()))
+        return out
+
+    base = scores(tokens)
+    for first_changed in (40, 201, 400):
+        changed = scores(perturb_after(tokens, first_changed))
+        np.testing.assert_array_equal(changed[:first_changed - 1], base[:first_changed - 1])
+        assert np.abs(changed[first_changed - 1:] - base[first_changed - 1:]).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# C2
+
+def test_c2_scored_nll_is_minus_log_of_a_normalised_distribution():
+    config = tiny_eval_config()
+    model = tiny_model(config)
+    tables = synthetic_byte_tables(config.vocab_size)
+    total = 64
+    tokens = token_stream(total, config.vocab_size)
+    position = 50  # scored by the window starting at 24 (its last 8 positions are 48..55)
+    window_start = 24
+    x = tokens[window_start:window_start + 32].long()[None]
+    with torch.no_grad():
+        logits = model.forward_logits(x)[0, position - window_start].double()
+    assert logits.abs().max() <= config.logit_softcap  # the soft-capped logits are scored
+    log_probs = torch.log_softmax(logits, dim=-1)
+    assert float(log_probs.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+    # Whatever token is realised at position+1, the score is -log p(token) of that same p.
+    for candidate in (0, 1, 5, 77, 512, 1023, int(tokens[position + 1])):
+        stream = tokens.clone()
+        stream[position + 1] = candidate
+        seen = {}
+        eval_val_sliding(config, model, stream, tables, CPU,
+                         on_score=lambda pos, nll: seen.update(zip(pos.tolist(), nll.tolist())))
+        assert seen[position] == pytest.approx(-float(log_probs[candidate]), abs=2e-5)
+
+
+class CheckedMixture(TokenNgramMixture):
+    """The valid mixture, checking at every scoring call that its full distribution over the
+    vocabulary sums to 1 and that the returned NLL is −log of it at the realised token."""
+
+    checked = 0
+
+    def nll(self, logits, positions):
+        distribution = self.distribution(logits, positions)
+        assert (distribution >= 0).all()
+        torch.testing.assert_close(distribution.sum(-1), torch.ones(len(positions), dtype=torch.float64))
+        values = super().nll(logits, positions)
+        expected = -torch.log(distribution.gather(1, self.tokens[positions + 1][:, None])[:, 0])
+        torch.testing.assert_close(values, expected, rtol=1e-9, atol=1e-9)
+        CheckedMixture.checked += len(positions)
+        return values
+
+
+def test_c2_valid_mixture_scores_a_normalised_distribution():
+    config = tiny_eval_config(eval_batch_seqs=6, mixture_enabled=True, mixture_order=2)
+    tokens = token_stream(TOTAL, config.vocab_size)
+    CheckedMixture.checked = 0
+    result = run_ttt(config, tiny_model(config), tokens, mixture=CheckedMixture(config, tokens, 1024, "cpu"))
+    assert CheckedMixture.checked == TOTAL
+    assert np.abs(result.nll_mix - result.nll).max() > 1e-3  # the counts really take part
+
+
+# ----------------------------------------------------------------------------------------
+# C3
+
+def test_c3_ttt_trains_only_on_scored_targets():
+    """Tokens are distinct ids, so every token seen by the model names its stream index.
+    The scoring forward records the largest target index it can score (last input index + 1);
+    every training forward must only use targets at indices already scored."""
+    config = tiny_eval_config(eval_batch_seqs=6, ttt_lr=0.05)
+    model = copy.deepcopy(tiny_model(config))
+    rng = np.random.default_rng(3)
+    tokens = torch.from_numpy(rng.permutation(np.arange(1, 1024))[:TOTAL + 1].astype(np.int32))
+    index_of = torch.full((1024,), -1, dtype=torch.long)
+    index_of[tokens.long()] = torch.arange(TOTAL + 1)
+    state = {"max_scorable_target": -1}
+    scored_positions: set[int] = set()
+    updates = []
+
+    score_forward, train_forward = model.forward_hidden, model.forward
+
+    def instrumented_forward_hidden(x):
+        indices = index_of[x.flatten()]
+        state["max_scorable_target"] = max(state["max_scorable_target"], int(indices.max()) + 1)
+        return score_forward(x)
+
+    def instrumented_forward(x, y):
+        targets = index_of[y.flatten()]
+        assert (targets >= 0).all()
+        updates.append((int(targets.max()), state["max_scorable_target"], set((targets - 1).tolist())))
+        return train_forward(x, y)
+
+    model.forward_hidden = instrumented_forward_hidden
+    model.forward = instrumented_forward
+    eval_val_ttt(config, model, tokens, synthetic_byte_tables(config.vocab_size), CPU, warmup=False,
+                 on_score=lambda pos, nll: scored_positions.update(pos.tolist()),
+                 on_train=lambda first, last: updates.append(("positions", first, last, set(scored_positions))))
+    trained = [u for u in updates if u[0] != "positions"]
+    hooks = [u for u in updates if u[0] == "positions"]
+    assert len(trained) == 3 * config.ttt_epochs  # chunks 0..2 train, the last chunk never does
+    for max_target, max_scored, _ in trained:
+        assert max_target <= max_scored
+    for _, first, last, scored_before in hooks:
+        assert set(range(first, last + 1)) <= scored_before
+    # The check has teeth: training reaches the end of each trained chunk.
+    assert [t[0] for t in trained[::config.ttt_epochs]] == [128, 256, 384]
+
+
+# ----------------------------------------------------------------------------------------
+# C4
+
+def test_c4_each_position_scored_exactly_once():
+    config = tiny_eval_config(eval_batch_seqs=5)
+    model = tiny_model(config)
+    tables = synthetic_byte_tables(config.vocab_size)
+    for total in (TOTAL, 445):
+        tokens = token_stream(total, config.vocab_size)
+        for name in ("sliding", "ttt"):
+            counts = np.zeros(total + 8, dtype=int)
+
+            def count(pos, nll):
+                np.add.at(counts, pos.numpy(), 1)
+
+            if name == "sliding":
+                result = eval_val_sliding(config, model, tokens, tables, CPU, on_score=count)
+            else:
+                result = eval_val_ttt(config, copy.deepcopy(model), tokens, tables, CPU, on_score=count).result
+            assert (counts[:total] == 1).all(), name
+            assert counts[total:].sum() == 0, name
+            assert result.tokens == total, name
+
+
+class RecordingMixture:
+    """A stand-in valid mixture that records how eval drives it (positions scored, advances)
+    and returns the neural NLL (a normalised distribution) so scores are checkable."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens.long()
+        self.advanced = 0
+        self.calls: list[tuple[str, object]] = []
+
+    def nll(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        assert logits.shape == (positions.numel(), 1024)
+        assert int(positions.min()) >= self.advanced  # never scores an already-counted position
+        self.calls.append(("nll", positions.tolist()))
+        return F.cross_entropy(logits.double(), self.tokens[positions + 1], reduction="none")
+
+    def advance(self, upto: int) -> None:
+        self.calls.append(("advance", upto))
+        self.advanced = upto
+
+
+def test_mixture_driven_score_first_and_once():
+    config = tiny_eval_config(eval_batch_seqs=6, ttt_lr=0.05)
+    tokens = token_stream(TOTAL, config.vocab_size)
+    mixture = RecordingMixture(tokens)
+    result = run_ttt(config, tiny_model(config), tokens, mixture=mixture)
+    seen: list[int] = []
+    for kind, value in mixture.calls:
+        if kind == "nll":
+            seen.extend(value)
+        else:  # every position below the advance point was scored before it was counted
+            assert set(range(value)) <= set(seen)
+    assert sorted(seen) == list(range(TOTAL))
+    assert [v for k, v in mixture.calls if k == "advance"] == [128, 256, 384, TOTAL]
+    # With the neural NLL as "mixture", the mixed score equals the neural score.
+    np.testing.assert_allclose(result.nll_mix, result.nll, rtol=1e-6, atol=1e-6)
+    assert result.mix.bpb == pytest.approx(result.result.bpb, rel=1e-6)

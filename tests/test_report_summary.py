@@ -1,0 +1,134 @@
+"""summary.json assembly from fixture stage files, the multi-seed report and its CLI."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from parlm import report
+from parlm.config import Config
+
+
+def write_seed(run_root: Path, seed: int, ttt_bpb: float, bytes_model: int,
+               skip: tuple[str, ...] = ()) -> Path:
+    """A seed folder with hand-written stage result files (the contract's key names)."""
+    run_dir = run_root / f"seed_{seed}"
+    run_dir.mkdir(parents=True)
+    Config().replace(seed=seed).save(run_dir / "config.yaml")
+    files = {
+        "train.json": {"steps": 100 + seed % 7, "train_seconds": 40.5, "prequant_bpb": ttt_bpb + 0.02,
+                       "prequant_seconds": 1.5, "live_val_bpb": ttt_bpb + 0.01, "world_size": 1,
+                       "device": "cpu", "peak_memory_mib": 0.0},
+        "quant.json": {"bytes_model": bytes_model, "bytes_code": 20_000,
+                       "bytes_total": bytes_model + 20_000, "cap": 16_000_000, "fits_cap": True,
+                       "hessian_seconds": 0.5, "gptq_seconds": 2.0, "compress_seconds": 1.0,
+                       "per_tensor": {}},
+        "eval.json": {"quantized_bpb": ttt_bpb + 0.03, "sliding_bpb": ttt_bpb + 0.005,
+                      "ttt_bpb": ttt_bpb, "quantized_seconds": 2.0, "sliding_seconds": 3.25,
+                      "ttt_seconds": 7.0, "compile_seconds": 0.0, "ttt_chunks": []},
+        "ppm.json": {"mix_bpb": ttt_bpb - 0.1, "ppm_only_bpb": 2.3, "nn_only_bpb": ttt_bpb,
+                     "gate_skip": 0.25, "bytes": 12345, "seconds": 0.75, "subset_tokens": 0},
+    }
+    for name, content in files.items():
+        if name not in skip:
+            (run_dir / name).write_text(json.dumps(content))
+    metrics = [{"stage": "train", "step": s, "train_loss": 6.0 - s / 50} for s in range(0, 100, 10)]
+    metrics += [{"stage": "val", "step": 100, "val_loss": 4.0, "val_bpb": ttt_bpb + 0.01}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run_dir
+
+
+def test_summarize_seed_maps_every_contract_key(tmp_path):
+    run_dir = write_seed(tmp_path, 314, 1.5, 1_000_000)
+    summary = report.summarize_seed(run_dir)
+    expected = {"seed": 314, "steps": 100 + 314 % 7, "train_seconds": 40.5, "prequant_bpb": 1.52,
+                "quantized_bpb": 1.53, "sliding_bpb": 1.505, "ttt_bpb": 1.5, "mix_bpb_legacy": 1.4,
+                "bytes_model": 1_000_000, "bytes_code": 20_000, "bytes_total": 1_020_000,
+                "prequant_seconds": 1.5, "quantized_seconds": 2.0, "sliding_seconds": 3.25,
+                "ttt_seconds": 7.0, "ppm_seconds": 0.75, "gate_skip": 0.25, "nn_only_bpb": 1.5,
+                "ppm_only_bpb": 2.3}
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(value), key
+    assert summary["eval_seconds_total"] == pytest.approx(1.5 + 2.0 + 3.25 + 7.0 + 0.75)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["ttt_bpb"] == 1.5 and on_disk["bytes_total"] == 1_020_000
+
+
+@pytest.mark.parametrize("missing,stage", [("train.json", "train"), ("quant.json", "quant"),
+                                           ("eval.json", "eval"), ("ppm.json", "ppm")])
+def test_missing_stage_file_names_the_stage_to_run(tmp_path, missing, stage):
+    run_dir = write_seed(tmp_path, 42, 1.5, 1_000_000, skip=(missing,))
+    with pytest.raises(report.MissingStageError) as info:
+        report.summarize_seed(run_dir)
+    assert f"'{stage}' stage" in str(info.value)
+    assert f"python -m parlm.{stage} --run-dir" in str(info.value)
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_missing_required_key_is_reported(tmp_path):
+    run_dir = write_seed(tmp_path, 42, 1.5, 1_000_000)
+    (run_dir / "eval.json").write_text(json.dumps({"quantized_bpb": 1.6}))
+    with pytest.raises(report.MissingStageError, match="ttt_bpb"):
+        report.summarize_seed(run_dir)
+
+
+def test_build_report_against_published_baseline(tmp_path):
+    run_root = tmp_path / "run"
+    write_seed(run_root, 42, 1.50, 1_000_000)
+    write_seed(run_root, 314, 1.52, 1_200_000)
+    write_seed(run_root, 999, 1.51, 1_100_000)
+    out = tmp_path / "out"
+    result = report.build_report(run_root, "pr1858", out)
+    assert result["seeds"] == [42, 314, 999]
+    assert result["worst_bytes_total"] == 1_220_000 and result["fits_cap"] is True
+    stats = result["statistics"]["ttt_bpb"]
+    assert stats["mean"] == pytest.approx(1.51)
+    assert stats["std"] == pytest.approx(0.01)  # deviations -0.01, +0.01, 0 -> sqrt(0.0002/2)
+    welch = result["baseline"]["welch_ttt_bpb"]
+    # Against 1.08061893 / 1.08103354 / 1.08135172 (the published seeds).
+    assert welch["mean_b"] == pytest.approx((1.08061893 + 1.08103354 + 1.08135172) / 3)
+    assert welch["difference"] > 0.4 and welch["p_greater"] < 0.01
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["worst_bytes_total"] == 1_220_000
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 2 + 3 + 2  # header, rule, 3 seeds, mean, std
+    assert "1,220,000" in table
+    for path in result["plots"].values():
+        assert Path(path).stat().st_size > 10_000  # a real PNG, not an empty file
+    assert "exported" in result["submission"]
+
+
+def test_report_against_another_run_and_cli(tmp_path, capsys):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for seed, value in ((1, 1.40), (2, 1.42)):
+        write_seed(ours, seed, value, 900_000)
+    for seed, value in ((1, 1.50), (2, 1.53), (3, 1.47)):
+        write_seed(theirs, seed, value, 900_000)
+    code = report.main(["--run-root", str(ours), "--baseline", str(theirs), "--out",
+                        str(tmp_path / "r"), "--no-plots", "--no-submission", "--summarize"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "TTT BPB vs run theirs" in printed and "not a valid BPB" in printed
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    welch = saved["baseline"]["welch_ttt_bpb"]
+    # mean 1.41 vs 1.50; var 0.0002 and 0.0009 -> se^2 = 0.0001 + 0.0003.
+    assert welch["t"] == pytest.approx(-0.09 / math.sqrt(0.0004))
+    assert (ours / "seed_1" / "summary.json").exists()
+
+
+def test_report_without_finished_seeds_is_a_clear_error(tmp_path, capsys):
+    write_seed(tmp_path / "run", 42, 1.5, 1, skip=("ppm.json",))
+    assert report.main(["--run-root", str(tmp_path / "run"), "--no-plots"]) == 2
+    assert "'ppm' stage" in capsys.readouterr().err
+
+
+def test_reference_pr1858_matches_published_submission():
+    reference = report.load_reference("pr1858")
+    seeds = reference["seeds"]
+    assert max(s["bytes_total"] for s in seeds.values()) == reference["published"]["bytes_total"]
+    for seed in seeds.values():
+        assert seed["bytes_model"] + seed["bytes_code"] == seed["bytes_total"]
+    mean = sum(s["ttt_bpb"] for s in seeds.values()) / 3
+    assert round(mean, 5) == reference["published"]["val_bpb"]
