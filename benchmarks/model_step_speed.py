@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parlm.config import Config, parse_overrides  # noqa: E402
 from parlm.model import build_model  # noqa: E402
 from parlm.optim import Optimizers, muon_momentum  # noqa: E402
+from parlm.train import configure_cuda_math  # noqa: E402
 
 
 def synchronize(device) -> None:
@@ -105,9 +106,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available: this benchmark needs a GPU (or --device cpu)", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
+    configure_cuda_math()
     config = Config().replace(**parse_overrides(args.overrides))
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     env = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),

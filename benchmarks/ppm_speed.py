@@ -14,6 +14,13 @@ and reports every repeat and the minimum wall time (other work may share the cor
 process CPU time is reported beside it).
 
     python benchmarks/ppm_speed.py [--bytes 151078222] [--repeats 3] [--json]
+
+`--mixture` instead times the valid token mixture (`parlm.mixture.TokenNgramMixture`) as one
+rank of a score-first TTT pass sees it: every chunk of --chunk-tokens positions, this rank
+scores 1/--ranks of them in batches of --batch positions (random logits over the 8192 ids,
+real wiki2015 tokens as the stream) and then advances the counts by the whole chunk:
+
+    python benchmarks/ppm_speed.py --mixture --device cuda [--tokens 40540160 --ranks 8]
 """
 from __future__ import annotations
 
@@ -85,7 +92,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / "data" / "benchmarks")
     parser.add_argument("--order", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("--mixture", action="store_true", help="time TokenNgramMixture instead")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokens", type=int, default=40_540_160, help="stream length (--mixture)")
+    parser.add_argument("--chunk-tokens", type=int, default=32768)
+    parser.add_argument("--ranks", type=int, default=8, help="simulated world size (--mixture)")
+    parser.add_argument("--batch", type=int, default=2048, help="positions per nll call (--mixture)")
+    parser.add_argument("--mixture-order", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.mixture:
+        return mixture_benchmark(args)
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -120,6 +136,62 @@ def main(argv=None) -> int:
           f"min {min(times):.2f} s over {args.repeats} runs for {result.bytes:,} bytes "
           f"({summary['ns_per_byte']:.0f} ns/byte; process CPU min {min(cpu_times):.2f} s); "
           f"target < 60 s: {summary['meets_target']}")
+    return 0
+
+
+def mixture_benchmark(args) -> int:
+    """Per-chunk cost of TokenNgramMixture.nll (this rank's share) and .advance (module doc)."""
+    import torch
+
+    from parlm.config import Config
+    from parlm.mixture import TokenNgramMixture
+
+    device = torch.device(args.device)
+    tokens = tokenized_corpus(args.docs, args.tokenizer, args.cache).astype(np.int64)
+    tokens = np.tile(tokens, args.tokens // len(tokens) + 1)[: args.tokens + 1]
+    config = Config().replace(mixture_order=args.mixture_order)
+    mixture = TokenNgramMixture(config, torch.as_tensor(tokens), 8192, device)
+    total = len(tokens) - 1
+    chunks = -(-total // args.chunk_tokens)
+    generator = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(args.batch, 8192, device=device, generator=generator) * 3
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    nll_seconds = advance_seconds = 0.0
+    per_chunk = []
+    for ci in range(chunks):
+        start, end = ci * args.chunk_tokens, min((ci + 1) * args.chunk_tokens, total)
+        share = -(-(end - start) // args.ranks)
+        sync()
+        t0 = time.perf_counter()
+        for first in range(start, min(start + share, end), args.batch):
+            positions = torch.arange(first, min(first + args.batch, start + share, end), device=device)
+            mixture.nll(logits[: len(positions)], positions)
+        sync()
+        t1 = time.perf_counter()
+        mixture.advance(end)
+        sync()
+        t2 = time.perf_counter()
+        nll_seconds += t1 - t0
+        advance_seconds += t2 - t1
+        per_chunk.append((t1 - t0, t2 - t1))
+        if ci % 100 == 0:
+            print(f"chunk {ci}/{chunks}: nll {1e3 * (t1 - t0):.1f} ms, advance {1e3 * (t2 - t1):.1f} ms, "
+                  f"keys {[t.keys.numel() for t in mixture.tables]}", file=sys.stderr)
+    last = np.array(per_chunk[-100:])
+    summary = {"device": str(device), "tokens": total, "chunks": chunks, "ranks": args.ranks,
+               "order": args.mixture_order, "nll_seconds": nll_seconds, "advance_seconds": advance_seconds,
+               "seconds_per_chunk": (nll_seconds + advance_seconds) / chunks,
+               "last100_nll_ms": 1e3 * float(last[:, 0].mean()),
+               "last100_advance_ms": 1e3 * float(last[:, 1].mean()),
+               "keys_per_order": [t.keys.numel() for t in mixture.tables]}
+    if device.type == "cuda":
+        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        summary["gpu"] = torch.cuda.get_device_name(device)
+    print(json.dumps(summary))
     return 0
 
 

@@ -192,10 +192,12 @@ class WindowScorer:
     Window ws reads x = tokens[ws : ws+L] and y = tokens[ws+1 : ws+L+1] (positions past T are
     zero, as in the reference; causal attention keeps them out of scored positions). Every
     window contributes its last `stride` positions; window 0 also contributes [0, L−stride)
-    through a separate "head" call. Per position: nll = CE(float(softcap logits), y) with the
+    from the same forward pass. Per position: nll = CE(float(softcap logits), y) with the
     forward under bf16 autocast on CUDA, i.e. the reference's `forward_logits` + fp32 CE,
     restricted to the rows that are scored. A short final batch is padded to the fixed batch
-    size with masked rows so compiled graphs see one shape.
+    size with masked rows, so the compiled forward (`forward_hidden`, one graph) and the two
+    small head graphs (last `stride` rows of every window; first L−stride rows of window 0)
+    each see one shape.
     """
 
     def __init__(self, config: Config, model, tokens: torch.Tensor, byte_tables, device,
@@ -211,56 +213,51 @@ class WindowScorer:
         self.batch_seqs = batch_seqs or config.eval_batch_seqs
         self.tables = device_byte_tables(byte_tables, self.device)
         self.offsets = torch.arange(self.seq_len + 1, device=self.device)
+        self.slots = torch.arange(self.batch_seqs, device=self.device)
         self.tail_offsets = torch.arange(self.context, self.seq_len, device=self.device)
         self.head_offsets = torch.arange(0, self.context, device=self.device)
-        use_compile = compile_enabled(config, self.device) if compile is None else compile
+        self.compiled = compile_enabled(config, self.device) if compile is None else compile
         mode = compile_mode or config.eval_compile_mode
-        self.compiled = use_compile
-        if use_compile:
+        if self.compiled:
             kwargs = dict(dynamic=False, fullgraph=True)
             if mode and mode != "default":
                 kwargs["mode"] = mode
-            self._tail_fn = torch.compile(self._score_tail, **kwargs)
-            self._head_fn = torch.compile(self._score_head, **kwargs)
+            self._hidden_fn = torch.compile(model.forward_hidden, **kwargs)
+            self._tail_fn = torch.compile(self._score_tail, dynamic=False, fullgraph=True)
+            self._head_fn = torch.compile(self._score_head, dynamic=False, fullgraph=True)
         else:
+            self._hidden_fn = model.forward_hidden
             self._tail_fn, self._head_fn = self._score_tail, self._score_head
 
-    # -- graph bodies (compiled when enabled) ------------------------------------------------
-    def _logits_at(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        hidden = self.model.forward_hidden(x)
-        return self.model.logits_from_hidden(hidden[:, first:last])
+    # -- head + cross-entropy at the scored rows (compiled when enabled) ---------------------
+    def _score_tail(self, hidden: torch.Tensor, y: torch.Tensor):
+        logits = self.model.logits_from_hidden(hidden[:, self.context:])
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y[:, self.context:].flatten(), reduction="none")
+        return nll.view(hidden.shape[0], self.stride), logits
 
-    def _score_tail(self, x: torch.Tensor, y: torch.Tensor):
-        logits = self._logits_at(x, self.context, self.seq_len)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y[:, self.context:].flatten(),
-                              reduction="none")
-        return nll.view(x.shape[0], self.stride), logits
-
-    def _score_head(self, x: torch.Tensor, y: torch.Tensor):
-        logits = self._logits_at(x, 0, self.context)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y[:, :self.context].flatten(),
-                              reduction="none")
-        return nll.view(x.shape[0], self.context), logits
+    def _score_head(self, hidden: torch.Tensor, y: torch.Tensor):
+        logits = self.model.logits_from_hidden(hidden[:1, :self.context])
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y[:1, :self.context].flatten(), reduction="none")
+        return nll.view(1, self.context), logits
 
     # -- batches -----------------------------------------------------------------------------
     def _windows(self, starts: torch.Tensor):
-        """x, y [B, L] for window starts [B] (zeros past the end of the stream)."""
+        """x, y [B, L] for window starts [B]; zero where the position is >= T (as the
+        reference's zero-filled short windows)."""
         index = starts[:, None] + self.offsets[None, :]
-        inside = index <= self.total_tokens
-        tokens = torch.where(inside, self.tokens[index.clamp(max=self.total_tokens)], 0)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        # Reference zero-fills x and y beyond the window length (position >= T).
+        tokens = self.tokens[index.clamp(max=self.total_tokens)]
         valid = index[:, :-1] < self.total_tokens
-        return torch.where(valid, x, 0), torch.where(valid, y, 0)
+        return torch.where(valid, tokens[:, :-1], 0), torch.where(valid, tokens[:, 1:], 0)
 
     def warmup(self) -> None:
-        """Compile both graph shapes on a dummy batch of token id 0 (no-op when not compiled)."""
+        """Compile the three graphs on a dummy batch of token id 0 (no-op when not compiled)."""
         if not self.compiled:
             return
         x = torch.zeros(self.batch_seqs, self.seq_len, dtype=torch.int64, device=self.device)
         with torch.no_grad(), autocast_context(self.device):
-            self._tail_fn(x, x)
-            self._head_fn(x[:1], x[:1])
+            hidden = self._hidden_fn(x)
+            self._tail_fn(hidden, x)
+            self._head_fn(hidden, x)
         synchronize(self.device)
 
     def score(self, first_window: int, end_window: int, sums: torch.Tensor,
@@ -274,48 +271,46 @@ class WindowScorer:
         `.nll(logits, positions)` scores the same positions into `mix_out` (float64 [T+1]).
         `on_score(positions, nll)` is an instrumentation hook called with the valid scored
         positions of every batch (tests use it to count positions)."""
-        if end_window <= first_window:
-            return
-        if first_window == 0:
-            self._score_rows(torch.zeros(1, dtype=torch.int64, device=self.device), True,
-                             torch.ones(1, dtype=torch.bool, device=self.device),
-                             sums, nll_out, mixture, mix_out, on_score)
-        slots = torch.arange(self.batch_seqs, device=self.device)
+        outputs = (sums, nll_out, mixture, mix_out, on_score)
         for batch_first in range(first_window, end_window, self.batch_seqs):
             count = min(self.batch_seqs, end_window - batch_first)
-            live = slots < count
-            starts = torch.where(live, slots + batch_first, first_window) * self.stride
-            self._score_rows(starts, False, live, sums, nll_out, mixture, mix_out, on_score)
+            live = self.slots < count
+            starts = torch.where(live, self.slots + batch_first, first_window) * self.stride
+            x, y = self._windows(starts)
+            with torch.no_grad():
+                with autocast_context(self.device):
+                    hidden = self._hidden_fn(x)
+                    nll, logits = self._tail_fn(hidden, y)
+                self._collect(nll, logits, starts, self.tail_offsets, live, x, y, *outputs)
+                if batch_first == 0:  # window 0 also scores its first L - stride positions
+                    with autocast_context(self.device):
+                        nll, logits = self._head_fn(hidden, y)
+                    self._collect(nll, logits, starts[:1], self.head_offsets, live[:1], x[:1], y[:1], *outputs)
             if progress is not None:
                 progress.update(count)
 
-    def _score_rows(self, starts, head: bool, live, sums, nll_out, mixture, mix_out, on_score):
-        x, y = self._windows(starts)
-        with torch.no_grad():
-            with autocast_context(self.device):
-                nll, logits = (self._head_fn if head else self._tail_fn)(x, y)
-            offsets = self.head_offsets if head else self.tail_offsets
-            positions = starts[:, None] + offsets[None, :]
-            mask = live[:, None] & (positions < self.total_tokens)
-            targets = y[:, offsets]
-            prevs = x[:, offsets]
-            maskd = mask.to(torch.float64)
-            sums[0] += (nll.to(torch.float64) * maskd).sum()
-            sums[1] += maskd.sum()
-            sums[2] += (self.tables.count_bytes(targets, prevs).to(torch.float64) * maskd).sum()
+    def _collect(self, nll, logits, starts, offsets, live, x, y, sums, nll_out, mixture, mix_out, on_score):
+        """Accumulate one graph's scored rows (masked: padded windows, positions >= T)."""
+        positions = starts[:, None] + offsets[None, :]
+        mask = live[:, None] & (positions < self.total_tokens)
+        weight = mask.to(torch.float64)
+        n_bytes = self.tables.count_bytes(y[:, offsets], x[:, offsets])
+        sums[:3] += torch.stack([(nll.to(torch.float64) * weight).sum(), weight.sum(),
+                                 (n_bytes.to(torch.float64) * weight).sum()])
+        if nll_out is not None:
             slot = torch.where(mask, positions, self.total_tokens).flatten()
-            if nll_out is not None:
-                nll_out.index_copy_(0, slot, nll.flatten().to(nll_out.dtype))
+            nll_out.index_copy_(0, slot, nll.flatten().to(nll_out.dtype))
+        if mixture is not None or on_score is not None:
+            flat = mask.flatten()
+            kept = positions.flatten()[flat]
             if mixture is not None:
-                flat = mask.flatten()
-                mixed = mixture.nll(logits.flatten(0, 1)[flat].float(), positions.flatten()[flat])
+                mixed = mixture.nll(logits.flatten(0, 1)[flat].float(), kept)
                 mixed = torch.as_tensor(mixed, dtype=torch.float64, device=self.device)
                 sums[3] += mixed.sum()
                 if mix_out is not None:
-                    mix_out[positions.flatten()[flat]] = mixed
+                    mix_out[kept] = mixed
             if on_score is not None:
-                flat = mask.flatten()
-                on_score(positions.flatten()[flat], nll.flatten()[flat])
+                on_score(kept, nll.flatten()[flat])
 
 
 def eval_val_sliding(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx,

@@ -53,7 +53,7 @@ class SortedCounts:
         """Add one occurrence of every key in `new_keys` (any order, repeats allowed)."""
         if new_keys.numel() == 0:
             return
-        unique, counts = torch.unique(new_keys, sorted=True, return_counts=True)
+        unique, counts = torch.unique_consecutive(torch.sort(new_keys).values, return_counts=True)
         old = self.keys.numel()
         index = torch.searchsorted(self.keys, unique)
         in_range = index < old

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from . import runlog
 from .artifact import read_artifact
@@ -29,21 +30,24 @@ def tensor_group(name: str, method: str) -> str:
 
 def plot_tensor_errors(quant: dict) -> Figure:
     """Relative Frobenius error ||W - W_hat|| / ||W|| of every float tensor (log scale), and for
-    GPTQ tensors the Hessian-weighted relative error tr(D H D^T) / tr(W H W^T)."""
+    GPTQ tensors the Hessian-weighted relative error sqrt(tr(D H D^T) / tr(W H W^T))."""
     entries = [(name, e) for name, e in (quant.get("per_tensor") or {}).items() if e["rel_error"] > 0]
     fig = Figure(figsize=(max(6.0, 0.12 * len(entries) + 2), 4.0), layout="constrained")
     ax = fig.add_subplot()
     positions = np.arange(len(entries))
     colors = [GROUP_COLORS[tensor_group(n, e["method"])] for n, e in entries]
-    ax.bar(positions, [e["rel_error"] for _, e in entries], color=colors, label="||W - Ŵ|| / ||W||")
+    ax.bar(positions, [e["rel_error"] for _, e in entries], color=colors)
+    handles = [Patch(color=GROUP_COLORS[g], label=f"{g}: ||W - Ŵ|| / ||W||")
+               for g in dict.fromkeys(tensor_group(n, e["method"]) for n, e in entries)]
     weighted = [(i, e["rel_hessian_error"]) for i, (_, e) in enumerate(entries) if "rel_hessian_error" in e]
     if weighted:
-        ax.scatter(*zip(*weighted), marker="_", s=60, color="black", zorder=3, label="Hessian-weighted")
+        handles.append(ax.scatter(*zip(*weighted), marker="_", s=60, color="black", zorder=3,
+                                  label="Hessian-weighted (GPTQ)"))
     ax.set_yscale("log")
     ax.set_xticks(positions, [n.replace(".weight", "") for n, _ in entries], rotation=90, fontsize=6)
     ax.set_ylabel("relative error")
-    ax.set_title("Quantization error per tensor (colour: group)")
-    ax.legend(fontsize=8)
+    ax.set_title("Quantization error per tensor")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

@@ -10,7 +10,7 @@ from .artifact import dequantize_state
 @torch.no_grad()
 def tensor_statistics(state_dict, weights, methods, hessians, device) -> dict[str, dict]:
     """Per tensor: method, shape, relative Frobenius error ||W - W_hat|| / ||W||, and for GPTQ
-    tensors the Hessian-weighted relative error tr(D H D^T) / tr(W H W^T) (D = W - W_hat),
+    tensors the Hessian-weighted relative error sqrt(tr(D H D^T) / tr(W H W^T)) (D = W - W_hat),
     scale quantiles, code range, clipped fraction (|q| = R) and order-0 code entropy (bits)."""
     template = {name: tensor.float() for name, tensor in state_dict.items() if tensor.is_floating_point()}
     restored = dequantize_state(weights, methods, {n: t for n, t in template.items()})
@@ -25,7 +25,8 @@ def tensor_statistics(state_dict, weights, methods, hessians, device) -> dict[st
             codes, scales = weights[name + ".q"], weights[name + ".scale"].float()
             hessian = hessians[name].to(device)
             weighted = (original @ hessian * original).sum().item()
-            entry["rel_hessian_error"] = (delta @ hessian * delta).sum().item() / weighted if weighted > 0 else 0.0
+            error = (delta @ hessian * delta).sum().item()
+            entry["rel_hessian_error"] = (error / weighted) ** 0.5 if weighted > 0 else 0.0
             clip_range = 2 ** (int(methods[name].split("int")[1].rstrip(")")) - 1) - 1
             quantiles = torch.quantile(scales, torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0]))
             counts = torch.bincount(codes.flatten().long() + 128, minlength=256).double()

@@ -312,7 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    runs_dir=Path(args.runs_dir).resolve(), overrides=list(args.overrides),
                    nproc=args.nproc, baseline=args.baseline,
                    kernel_name=args.kernel or choose_kernel(), log_output=not args.quiet)
-    return run(plan)
+    try:
+        return run(plan)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -216,8 +216,8 @@ class AuditResult:
             values = getattr(self, name)
             if len(values):
                 q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
-                out[name] = {"min": q[0], "p10": q[1], "median": q[2], "p90": q[3], "max": q[4],
-                             "mean": float(values.mean())}
+                out[name] = {"min": float(q[0]), "p10": float(q[1]), "median": float(q[2]),
+                             "p90": float(q[3]), "max": float(q[4]), "mean": float(values.mean())}
         return out
 
 

@@ -118,6 +118,7 @@ def audit_histogram(traces: dict) -> Figure:
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax = fig.add_subplot()
     series = [("audit_token_total", "token level: Σ_v Π_bytes mix", "tab:red"),
+              ("audit_constant_total", "byte level as implemented: p^(1/n) for all 256 bytes", "tab:brown"),
               ("audit_first_total", "byte level, first-byte NN extension", "tab:orange"),
               ("audit_nn_first_total", "NN alone: Σ_b Σ_v p(v)^(1/n)", "tab:purple"),
               ("audit_ppm_total", "legacy PPM alone (no exclusion)", "tab:green"),
