@@ -4,7 +4,8 @@ reference-semantics implementation, timed in the same process on the same GPU.
     python benchmarks/eval_speed.py                       # random-init proxy model, random tokens
     python benchmarks/eval_speed.py --run-dir runs/proxy/seed_42   # a run's artifact + val data
 
-The reference-semantics side follows SPEC 5.2/5.3 the way the PR script does it: a Python
+The reference-semantics side follows SPEC 5.2/5.3 the way the PR script does it (with SDPA
+FlashAttention unless --reference-attention same, as in the ANCHORS.md reference run): a Python
 loop over windows building zero-padded batches of 32 windows, the compiled `forward_logits`
 over all 2048 positions, fp32 cross-entropy over every position, per-window accumulation of
 the scored tail, and eager TTT training steps. parlm's side is `parlm.eval.eval_val_sliding`
@@ -15,7 +16,6 @@ Prints and writes a JSON report with the speedup ratios and BPB differences.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -214,6 +214,9 @@ def main() -> None:
     parser.add_argument("--batch-seqs", default="", help="comma list of parlm window batch sizes to time "
                         "(default: the config's eval_batch_seqs)")
     parser.add_argument("--skip", default="", help="comma list among ref_sliding,ref_ttt,sliding,ttt")
+    parser.add_argument("--reference-attention", default="flash",
+                        help="attention backend of the reference-semantics side: 'flash' (SDPA "
+                             "FlashAttention, as the ANCHORS.md reference run) or 'same' (parlm's choice)")
     parser.add_argument("--out", default="eval_speed.json", help="JSON report path")
     args = parser.parse_args()
 
@@ -224,13 +227,23 @@ def main() -> None:
     sizes = [int(s) for s in args.batch_seqs.split(",") if s] or [config.eval_batch_seqs]
     report = {"source": source, "tokens": tokens.numel() - 1, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "torch": torch.__version__, "config_overrides": args.set}
+    def reference_model():
+        model = make_model()
+        if args.reference_attention != "same" and device.type == "cuda":
+            from parlm.attention import select_backend
+
+            model.attention_backend = select_backend(args.reference_attention, device)
+        report["reference_attention_backend"] = model.attention_backend
+        return model
+
+    report["parlm_attention_backend"] = make_model().attention_backend
     print(json.dumps(report, indent=1), flush=True)
 
     def save():
         Path(args.out).write_text(json.dumps(report, indent=1))
 
     if "ref_sliding" not in skip:
-        reference = ReferenceSemantics(config, make_model(), tokens, tables, device)
+        reference = ReferenceSemantics(config, reference_model(), tokens, tables, device)
         _, compile_seconds = timed(reference.compile_warmup)
         (loss, bpb), seconds = timed(reference.sliding)
         report["reference_sliding"] = dict(bpb=bpb, loss=loss, seconds=seconds, compile_seconds=compile_seconds,
@@ -254,7 +267,7 @@ def main() -> None:
             save()
         del model
     if "ref_ttt" not in skip:
-        reference = ReferenceSemantics(config, make_model(), tokens, tables, device)
+        reference = ReferenceSemantics(config, reference_model(), tokens, tables, device)
         _, compile_seconds = timed(lambda: reference.compile_warmup(ttt=True))
         (loss, bpb), seconds = timed(reference.ttt)
         report["reference_ttt"] = dict(bpb=bpb, loss=loss, seconds=seconds, compile_seconds=compile_seconds,
@@ -271,7 +284,8 @@ def main() -> None:
             report[f"parlm_ttt_b{size}"] = dict(bpb=result.result.bpb, loss=result.result.loss,
                                                 seconds=result.result.seconds, compile_seconds=compile_seconds,
                                                 seconds_with_compile=result.result.seconds + compile_seconds,
-                                                compile_train=ttt_config.ttt_compile_train)
+                                                compile_train=bool(ttt_config.ttt_compile_train and
+                                                                   compile_enabled(ttt_config, device)))
             print(f"parlm ttt (batch {size})", report[f"parlm_ttt_b{size}"], flush=True)
             torch._dynamo.reset()
             save()

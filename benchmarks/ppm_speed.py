@@ -18,9 +18,11 @@ process CPU time is reported beside it).
 `--mixture` instead times the valid token mixture (`parlm.mixture.TokenNgramMixture`) as one
 rank of a score-first TTT pass sees it: every chunk of --chunk-tokens positions, this rank
 scores 1/--ranks of them in batches of --batch positions (random logits over the 8192 ids,
-real wiki2015 tokens as the stream) and then advances the counts by the whole chunk:
+real wiki2015 tokens as the stream, from --shards or by tokenizing --docs) and then advances
+the counts by the whole chunk:
 
-    python benchmarks/ppm_speed.py --mixture --device cuda [--tokens 40540160 --ranks 8]
+    python benchmarks/ppm_speed.py --mixture --device cuda \
+        --shards 'data/datasets/wiki2015_sp8192/fineweb_train_*.bin' [--tokens 40540160 --ranks 8]
 """
 from __future__ import annotations
 
@@ -99,6 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=8, help="simulated world size (--mixture)")
     parser.add_argument("--batch", type=int, default=2048, help="positions per nll call (--mixture)")
     parser.add_argument("--mixture-order", type=int, default=3)
+    parser.add_argument("--shards", default="", help="token stream from challenge-format shards "
+                        "(e.g. 'data/datasets/wiki2015_sp8192/fineweb_train_*.bin') instead of "
+                        "tokenizing --docs (--mixture)")
     args = parser.parse_args(argv)
     if args.mixture:
         return mixture_benchmark(args)
@@ -147,7 +152,12 @@ def mixture_benchmark(args) -> int:
     from parlm.mixture import TokenNgramMixture
 
     device = torch.device(args.device)
-    tokens = tokenized_corpus(args.docs, args.tokenizer, args.cache).astype(np.int64)
+    if args.shards:
+        from parlm.data.shards import load_shard, shard_files
+
+        tokens = np.concatenate([load_shard(path) for path in shard_files(args.shards)]).astype(np.int64)
+    else:
+        tokens = tokenized_corpus(args.docs, args.tokenizer, args.cache).astype(np.int64)
     tokens = np.tile(tokens, args.tokens // len(tokens) + 1)[: args.tokens + 1]
     config = Config().replace(mixture_order=args.mixture_order)
     mixture = TokenNgramMixture(config, torch.as_tensor(tokens), 8192, device)

@@ -216,6 +216,7 @@ class WindowScorer:
         self.slots = torch.arange(self.batch_seqs, device=self.device)
         self.tail_offsets = torch.arange(self.context, self.seq_len, device=self.device)
         self.head_offsets = torch.arange(0, self.context, device=self.device)
+        self.mixture_seconds = 0.0  # time spent inside mixture.nll (synchronized)
         self.compiled = compile_enabled(config, self.device) if compile is None else compile
         mode = compile_mode or config.eval_compile_mode
         if self.compiled:
@@ -304,8 +305,12 @@ class WindowScorer:
             flat = mask.flatten()
             kept = positions.flatten()[flat]
             if mixture is not None:
+                synchronize(self.device)
+                mixture_start = time.perf_counter()
                 mixed = mixture.nll(logits.flatten(0, 1)[flat].float(), kept)
                 mixed = torch.as_tensor(mixed, dtype=torch.float64, device=self.device)
+                synchronize(self.device)
+                self.mixture_seconds += time.perf_counter() - mixture_start
                 sums[3] += mixed.sum()
                 if mix_out is not None:
                     mix_out[kept] = mixed

@@ -112,7 +112,7 @@ def plot_stage_times(evaluation: dict) -> Figure:
     ax.bar(names, scoring, color="tab:blue", label="scoring")
     ax.bar(names, compiling, bottom=scoring, color="tab:gray", alpha=0.6, label="compile (warm-up)")
     for i, (s, c) in enumerate(zip(scoring, compiling)):
-        ax.annotate(f"{s:.1f}s" + (f" + {c:.1f}s" if c else ""), (i, s + c), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{s:.1f}s" + (f" + {c:.1f}s" if c >= 0.05 else ""), (i, s + c), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("seconds")
     world = evaluation.get("world_size", 1)
     ax.set_title(f"Evaluation time per stage ({world} × {evaluation.get('device', '?')})")

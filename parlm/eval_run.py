@@ -38,8 +38,8 @@ def compile_plain_model(config: Config, model, total_tokens: int, ctx):
     with torch.no_grad():
         for size in sorted(s for s in shapes if s > 0):
             x = torch.zeros(size, config.eval_seq_len, dtype=torch.int64, device=ctx.device)
-            with autocast_context(ctx.device):
-                compiled(x, x)
+            with autocast_context(ctx.device):  # distinct tensors: aliasing is guarded
+                compiled(x, torch.zeros_like(x))
     synchronize(ctx.device)
     return compiled, time.perf_counter() - t0
 
@@ -92,6 +92,11 @@ def evaluate_run(config: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     artifact = run_dir / ARTIFACT_NAME
     if not artifact.exists():
+        if (run_dir / "final_model.int6.OVER_CAP.ptz").exists():
+            raise FileNotFoundError(
+                f"{run_dir} holds only final_model.int6.OVER_CAP.ptz: its bytes_total exceeds "
+                f"artifact_cap_bytes={config.artifact_cap_bytes} (see quant.json), so it is no valid "
+                f"submission; for an experiment, re-quantize with a larger artifact_cap_bytes")
         raise FileNotFoundError(f"{artifact} not found; quantize first with "
                                 f"`python -m parlm.quant --run-dir {run_dir}`")
     ctx = dist.init_distributed(config.device)
@@ -152,9 +157,14 @@ def evaluate_run(config: Config, run_dir) -> dict:
 
             mixture = TokenNgramMixture(config, val_tokens, config.vocab_size, device)
         ttt = eval_val_ttt(config, ttt_model, val_tokens, byte_tables, ctx, mixture=mixture,
-                           diagnostic_after=config.ttt_diagnostic_after, show_progress=True, logger=logger)
+                           diagnostic_after=config.ttt_diagnostic_after, show_progress=True)
         record("ttt", ttt.result, ttt.extra["compile_seconds"])
         out["ttt_num_chunks"] = ttt.extra["num_chunks"]
+        out["ttt_diagnostic_after"] = bool(config.ttt_diagnostic_after)
+        out["ttt_diagnostic_seconds"] = ttt.extra["diagnostic_seconds"]
+        if mixture is not None:  # ttt_seconds includes the mixture; the neural part alone:
+            out["ttt_mixture_seconds"] = ttt.extra["mixture_seconds"]
+            out["ttt_neural_seconds"] = ttt.result.seconds - ttt.extra["mixture_seconds"]
         if sliding_nll is not None and ctx.is_main:
             add_sliding_to_chunks(ttt.chunks, sliding_nll[:total], val_tokens, byte_tables)
         out["ttt_chunks"] = ttt.chunks

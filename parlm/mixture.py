@@ -119,6 +119,10 @@ class TokenNgramMixture:
         self.bins = int(config.mixture_gate_bins)
         self.lambda_init = float(config.mixture_lambda_init)
         self.prior = float(config.mixture_gate_prior)
+        if self.bins < 1 or not 0.0 <= self.lambda_init <= 1.0 or self.prior < 0.0:
+            raise ConfigError(
+                f"mixture_gate_bins={self.bins} must be >= 1, mixture_lambda_init="
+                f"{self.lambda_init} in [0, 1] and mixture_gate_prior={self.prior} >= 0")
         buckets = (self.order + 2) * self.bins  # top order -1..K
         self.gate = torch.full((buckets,), self.lambda_init, dtype=torch.float64, device=self.device)
         self.gate_responsibility = torch.zeros(buckets, dtype=torch.float64, device=self.device)
@@ -137,8 +141,10 @@ class TokenNgramMixture:
 
     # -- the count model ---------------------------------------------------------------------
     def _count_terms(self, positions: torch.Tensor):
-        """Per position: list of (order k, valid&exists mask, first, end, n, u, weight β_k) for
-        k = K..0, the uniform weight β_{-1}, and (top order, top confidence)."""
+        """The unrolled interpolation at each position: terms (k, exists mask, segment first,
+        segment end, n_k, packed context, weight β_k) for k = K..1 (order 0 as (0, None, None,
+        None, n_0, None, β_0) once anything was counted), the uniform weight β_{-1}, and the
+        gate's inputs (highest existing order, its a_k = n_k / (n_k + u_k))."""
         n_pos = positions.numel()
         remaining = torch.ones(n_pos, dtype=torch.float64, device=self.device)
         top_order = torch.full((n_pos,), -1, dtype=torch.int64, device=self.device)
@@ -148,12 +154,12 @@ class TokenNgramMixture:
             context, valid = self._contexts(positions, k)
             low = context << self.bits
             first, end, n = self.tables[k - 1].segment(low, low + (1 << self.bits))
-            terms_n, u = n.to(torch.float64), (end - first).to(torch.float64)
+            n_float, u = n.to(torch.float64), (end - first).to(torch.float64)
             exists = valid & (n > 0)
-            denom = torch.where(exists, terms_n + u, 1.0)
-            a = torch.where(exists, terms_n / denom, 0.0)
+            denom = torch.where(exists, n_float + u, 1.0)
+            a = torch.where(exists, n_float / denom, 0.0)
             weight = remaining * a
-            terms.append((k, exists, first, end, terms_n, context, weight))
+            terms.append((k, exists, first, end, n_float, context, weight))
             newly_top = exists & (top_order < 0)
             top_order = torch.where(newly_top, k, top_order)
             top_conf = torch.where(newly_top, a, top_conf)
@@ -248,7 +254,9 @@ class TokenNgramMixture:
         self._pending.zero_()
         self.gate_responsibility += pending[0]
         self.gate_positions += pending[1]
-        self.gate = (self.prior * self.lambda_init + self.gate_responsibility) / (self.prior + self.gate_positions)
+        weight = self.prior + self.gate_positions
+        self.gate = torch.where(weight > 0, (self.prior * self.lambda_init + self.gate_responsibility)
+                                / weight.clamp(min=1e-300), self.lambda_init)
         if upto <= self.advanced:
             return
         positions = torch.arange(self.advanced, upto, device=self.device)

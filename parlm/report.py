@@ -13,7 +13,6 @@ Entry point: `python -m parlm.report --run-root runs/<id> [--baseline runs/<othe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass

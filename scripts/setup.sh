@@ -30,48 +30,58 @@ kernel_ok() {
   [ -n "$file" ] && [ -f "$file" ] && grep -qF "\"$venv/bin/python\"" "$file"
 }
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ] && kernel_ok; then
+installed=0
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+  installed=1
+fi
+if [ "$installed" = 1 ] && kernel_ok; then
   exit 0
 fi
 
-if ! command -v "$python_bin" >/dev/null 2>&1; then
-  say "no $python_bin on PATH; install Python 3.10+ (or set PYTHON=/path/to/python3)"
-  exit 1
-fi
-if ! "$python_bin" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-  say "$("$python_bin" --version 2>&1) is too old; parlm needs Python 3.10 or newer"
-  exit 1
-fi
+if [ "$installed" = 0 ]; then
+  if ! command -v "$python_bin" >/dev/null 2>&1; then
+    say "no $python_bin on PATH; install Python 3.10+ (or set PYTHON=/path/to/python3)"
+    exit 1
+  fi
+  if ! "$python_bin" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    say "$("$python_bin" --version 2>&1) is too old; parlm needs Python 3.10 or newer"
+    exit 1
+  fi
 
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
-  say "creating $venv with $("$python_bin" --version 2>&1)"
-  rm -rf "$venv"
-  "$python_bin" -m venv "$venv"
-fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    say "creating $venv with $("$python_bin" --version 2>&1)"
+    rm -rf "$venv"
+    "$python_bin" -m venv "$venv"
+  fi
+  pip_install() {
+    # Quiet; drops pip's notes about configured package folders that this machine lacks.
+    "$venv/bin/python" -m pip --disable-pip-version-check install -q "$@" \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  }
 
-if ! "$venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    say "NVIDIA GPU found: installing torch==$torch_version (CUDA build)"
-    "${pip[@]}" install -q "torch==$torch_version"
-  else
-    # The +cpu local version exists only as a CPU wheel (this machine's wheel folder or the
-    # PyTorch CPU index), so this can never pull the multi-GB CUDA build from PyPI.
-    say "no NVIDIA GPU: installing torch==$torch_version+cpu (CPU build)"
-    if ! "${pip[@]}" install -q "torch==$torch_version+cpu" 2>/dev/null; then
-      say "no local CPU wheel; trying the PyTorch CPU index"
-      "${pip[@]}" install -q "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
+  if ! "$venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      say "NVIDIA GPU found: installing torch==$torch_version (CUDA build)"
+      pip_install "torch==$torch_version"
+    else
+      # The +cpu local version exists only as a CPU wheel (this machine's wheel folder or the
+      # PyTorch CPU index), so this can never pull the multi-GB CUDA build from PyPI.
+      say "no NVIDIA GPU: installing torch==$torch_version+cpu (CPU build)"
+      if ! pip_install "torch==$torch_version+cpu" 2>/dev/null; then
+        say "no local CPU wheel; trying the PyTorch CPU index"
+        pip_install "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
+      fi
     fi
   fi
-fi
 
-say "installing parlm (editable) and its dependencies"
-"${pip[@]}" install -q -e ".[dev]"
+  say "installing parlm (editable) and its dependencies"
+  pip_install -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
 
 if ! kernel_ok; then
   say "registering the Jupyter kernel 'parlm'"
   "$venv/bin/python" -m ipykernel install --user --name parlm --display-name parlm >/dev/null
 fi
 
-echo "$want" > "$stamp"
 say "done ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

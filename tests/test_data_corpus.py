@@ -149,7 +149,7 @@ def test_ensure_dataset_builds_stdlib_demo_once(tmp_path, monkeypatch):
     assert manifest["name"] == "stdlib_docs_sp1024" and manifest["num_val_docs"] == STDLIB_NUM_VAL_DOCS
     assert load_tokenizer(config.resolved_tokenizer_path).vocab_size() == 1024
     val = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
-    assert len(val) - 1 >= 32768 // config.eval_seq_len * config.eval_seq_len
+    assert len(val) - 1 == config.val_max_tokens // config.eval_seq_len * config.eval_seq_len
     monkeypatch.setattr("parlm.data.corpus.build_dataset", lambda *a, **k: pytest.fail("rebuilt"))
     assert ensure_dataset(config) == manifest
 

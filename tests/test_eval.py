@@ -332,3 +332,13 @@ def test_evaluate_run_writes_consistent_outputs(tiny_dataset_config, tmp_path):
     assert saved["sliding_bpb"] == pytest.approx(sliding_bits / n_bytes, rel=1e-6)
     names = [r["name"] for r in read_metrics(tmp_path, "eval")]
     assert {"quantized", "sliding", "ttt", "mix_valid", "ttt_chunk"} <= set(names)
+
+
+def test_cumulative_gain_hand_example():
+    from parlm.eval_plots import cumulative_gain
+
+    chunks = [{"end": 10, "bytes": 100, "bpb": 1.0, "sliding_bpb": 1.0},   # saves 0 bits
+              {"end": 20, "bytes": 300, "bpb": 0.9, "sliding_bpb": 1.1}]   # saves 60 bits
+    ends, gain = cumulative_gain(chunks)
+    assert ends.tolist() == [10, 20]
+    assert gain.tolist() == pytest.approx([0.0, 60 / 400])

@@ -18,7 +18,8 @@ from parlm.eval import eval_val, eval_val_sliding
 from parlm.mixture import TokenNgramMixture
 from parlm.ttt import eval_val_ttt
 
-from test_eval import synthetic_byte_tables, tiny_eval_config, tiny_model, token_stream
+from test_eval import (single_thread, synthetic_byte_tables, tiny_eval_config, tiny_model,  # noqa: F401
+                       token_stream)
 
 TOTAL = 448
 
@@ -31,7 +32,6 @@ def setup():
 
 
 def evaluate(ctx):
-    torch.set_num_threads(1)
     config, model, tokens, tables = setup()
     plain = eval_val(config, model, tokens, tables, ctx)
     sliding = eval_val_sliding(config, model, tokens, tables, ctx)
@@ -46,6 +46,7 @@ def worker(rank: int, world_size: int, port: int, out_path: str) -> None:
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from parlm.dist import cleanup, init_distributed
 
+    torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     try:
         result = evaluate(ctx)

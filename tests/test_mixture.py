@@ -170,3 +170,19 @@ def test_order_too_large_for_exact_keys():
     make(np.zeros(10, dtype=np.int64), order=3, vocab=8192)  # 4 x 13 bits fits
     assert math.isfinite(make(np.zeros(10, dtype=np.int64), order=1, vocab=2).nll(
         torch.zeros(1, 2), torch.tensor([0])).item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    tokens = random_tokens(6, n=3000, vocab=50)
+    cpu, gpu = (TokenNgramMixture(Config().replace(mixture_order=3), torch.as_tensor(tokens), 50, d)
+                for d in ("cpu", "cuda"))
+    logits = torch.randn(500, 50)
+    for upto in (1000, 2000):
+        for mixture in (cpu, gpu):
+            mixture.advance(upto)
+        positions = torch.arange(upto, upto + 500)
+        a = cpu.nll(logits, positions)
+        b = gpu.nll(logits.cuda(), positions.cuda()).cpu()
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -56,12 +56,21 @@ def test_score_cli_matches_slow_reference(wiki_nll, sp1024_path):
     assert set(out) >= {"mix_bpb", "ppm_only_bpb", "nn_only_bpb", "gate_skip", "bytes", "seconds"}
 
 
-def test_ppmd_and_audit_cli(wiki_nll, sp1024_path):
+def run_in_process(capsys, *args):
+    from parlm.ppm.__main__ import main
+
+    assert main(list(args)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_ppmd_and_audit_cli(wiki_nll, sp1024_path, capsys):
     path, *_ = wiki_nll
-    ppmd = run_cli("score", "--npz", str(path), "--tokenizer", str(sp1024_path), "--mode", "ppmd",
+    ppmd = run_in_process(capsys, "score", "--npz", str(path), "--tokenizer", str(sp1024_path), "--mode", "ppmd",
                    "--subset-tokens", "800", "--json")
     assert ppmd["normalized"] is True and 1.0 < ppmd["ppmd_bpb"] < 8.0
-    audit = run_cli("audit", "--npz", str(path), "--tokenizer", str(sp1024_path), "--positions", "6",
+    audit = run_in_process(capsys, "audit", "--npz", str(path), "--tokenizer", str(sp1024_path), "--positions", "6",
                     "--subset-tokens", "1500", "--json")
     assert audit["positions"] == 6
     assert audit["ppmd_total"]["max"] == pytest.approx(1.0, abs=1e-12)

@@ -103,6 +103,25 @@ def apply_update(slots, context_slots, successor_slots, window_length, saved):
         slots[cs, UNIQUE_MAX] = (unique << 32) | maximum
 
 
+@numba.njit(cache=True, inline="always")
+def apply_update_unjournaled(slots, context_slots, successor_slots, window_length):
+    """`apply_update` without the journal (the streaming scorer never rolls back)."""
+    for k in range(window_length + 1):
+        cs = context_slots[k]
+        ss = successor_slots[k]
+        count = slots[ss, COUNT] + 1
+        slots[ss, COUNT] = count
+        slots[cs, TOTAL] += 1
+        packed = slots[cs, UNIQUE_MAX]
+        unique = packed >> 32
+        maximum = packed & LOW32
+        if count == 1:
+            unique += 1
+        if count > maximum:
+            maximum = count
+        slots[cs, UNIQUE_MAX] = (unique << 32) | maximum
+
+
 @numba.njit(cache=True)
 def roll_back_update(slots, regions, context_slots, successor_slots, inserted, window_length, saved):
     """Undo `apply_update` (and the insertions that preceded it), newest first."""

@@ -92,6 +92,11 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
     stand-in), or "auto" (model when final_model.int6.ptz exists, else spread)."""
     run_dir = Path(run_dir)
     logger = RunLogger(run_dir, "ppm.log")
+    if not config.ppm_enabled:
+        logger.log("ppm: ppm_enabled=False; nothing scored")
+        out = {"enabled": False, "normalized": False}
+        write_json(run_dir / "ppm.json", out)
+        return out
     dump = load_nll(run_dir / "nll.npz")
     from ..data.tokenizer import ByteTables
 
@@ -107,7 +112,9 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
         neural = "model" if (run_dir / "final_model.int6.ptz").exists() else "spread"
     logprobs = None
     if neural == "model" and len(positions):
-        logprobs = model_logprobs(config, run_dir, positions)
+        from ..dist import resolve_device
+
+        logprobs = model_logprobs(config, run_dir, positions, resolve_device(config.device))
     if (run_dir / "ppm.json").exists():
         old = read_json(run_dir / "ppm.json")
         logger.log(f"ppm: replacing existing ppm.json (mix_bpb={old.get('mix_bpb')})")

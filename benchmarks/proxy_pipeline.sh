@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole pipeline on the wiki2015_sp8192 proxy on one GPU machine, stage by stage, with the
+# ANCHORS.md short-run settings (150 s budget, EMA 0.97, warmup 5, no periodic validation,
+# seed 42), copying each stage's results to $OUT as soon as it finishes so that a time limit
+# still returns what was done. Written for the device tool: carry .carry (the corpus .xz and
+# the 8192 tokenizer) and .whl (brotli); run from the repository root:
+#     bash benchmarks/proxy_pipeline.sh [extra --set overrides...]
+set -u
+OUT=${OUT:-runs/proxy_pipeline_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/brotli-*.whl && export PYTHONPATH=/tmp/site
+fi
+RUN=runs/proxy-anchor/seed_42
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+stamp "build proxy dataset"
+/usr/bin/time -f "data build wall %e s" python3 -m parlm.data build --docs .carry/docs_selected.jsonl.xz \
+  --tokenizer .carry/fineweb_8192_bpe.model --num-val-docs 250 --out data --name wiki2015_sp8192 \
+  --workers 16 --quiet 2>&1 | tail -3
+cp data/datasets/wiki2015_sp8192/manifest.json "$OUT/" 2>/dev/null
+SETS="--set seed=42 --set max_wallclock_seconds=150 --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0 --set train_log_every=25 $*"
+stamp "train"
+python3 -m parlm.train --run-dir $RUN --preset proxy $SETS 2>&1 | grep -v -i warn | tail -22
+cp $RUN/train.json $RUN/train.log "$OUT/" 2>/dev/null
+stamp "quant"
+python3 -m parlm.quant --run-dir $RUN 2>&1 | tail -12
+python3 - "$RUN" "$OUT" <<'PY'
+import json, sys
+q = json.load(open(f"{sys.argv[1]}/quant.json"))
+q.pop("per_tensor", None)
+json.dump(q, open(f"{sys.argv[2]}/quant.json", "w"), indent=1)
+PY
+stamp "eval"
+python3 -m parlm.eval --run-dir $RUN 2>&1 | grep -v -i warn | tail -14
+cp $RUN/eval.json "$OUT/" 2>/dev/null
+python3 - "$RUN" "$OUT" <<'PY'
+import numpy as np, sys
+d = np.load(f"{sys.argv[1]}/nll.npz")
+keep = {k: d[k] for k in d.files}
+for k in ("target", "prev"):
+    keep[k] = keep[k].astype(np.int16)
+np.savez_compressed(f"{sys.argv[2]}/nll_compact.npz", **keep)
+PY
+stamp "done"; ls -la "$OUT"
