@@ -162,8 +162,6 @@ def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True)
     streaming its output line by line; raise RuntimeError with the output tail on failure.
 
     NVLink multicast stays off (NCCL_NVLS_ENABLE=0) unless the caller's environment sets it."""
-    import collections
-    import subprocess
     import sys
 
     env = dict(os.environ)
@@ -175,6 +173,15 @@ def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", module, *args]
+    stream_subprocess(cmd, env, echo)
+
+
+def stream_subprocess(cmd: list[str], env: dict[str, str], echo: bool = True) -> None:
+    """Run `cmd`, echoing its merged stdout/stderr line by line as it comes; on a non-zero exit
+    raise RuntimeError carrying the command and its last 40 lines."""
+    import collections
+    import subprocess
+
     tail: collections.deque[str] = collections.deque(maxlen=40)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, bufsize=1) as proc:

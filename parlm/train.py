@@ -18,11 +18,9 @@ step, val_loss, val_bpb), `final_model.pt` (the EMA weights as a state dict) and
 from __future__ import annotations
 
 import argparse
-import collections
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -431,18 +429,7 @@ def _run_module_streaming(module: str, args: list[str], echo: bool = True) -> No
     # Idle OpenMP threads sleep instead of spinning: on a busy few-core machine spinning
     # threads slow CPU training by an order of magnitude.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    command = [sys.executable, "-m", module, *args]
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-            if echo:
-                print(line, end="", flush=True)
-        code = proc.wait()
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {code}; last lines:\n" + "\n".join(tail))
+    dist.stream_subprocess([sys.executable, "-m", module, *args], env, echo)
 
 
 def train_stage(config: Config, run_dir: str | os.PathLike, nproc: int = 1, echo: bool = True) -> dict:
