@@ -18,6 +18,7 @@ step, val_loss, val_bpb), `final_model.pt` (the EMA weights as a state dict) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -191,6 +192,22 @@ class Trainer:
         _synchronize(self.device)
         return time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def out_of_memory_explained(self, log=print):
+        """Run the body; a CUDA/CPU out-of-memory inside it becomes InsufficientMemoryError."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - only OOM is translated
+            self.raise_explained_if_out_of_memory(error, log)
+            raise
+
+    def raise_explained_if_out_of_memory(self, error: BaseException, log=print) -> None:
+        """If `error` is an out-of-memory error, log and raise the explained version of it."""
+        if is_out_of_memory(error):
+            memory_error = self.memory_error(error)
+            log(str(memory_error))
+            raise memory_error from error
+
     def memory_error(self, error: BaseException) -> InsufficientMemoryError:
         """The OOM message: where it happened, the per-rank micro-batch shape, how to shrink it."""
         config, ctx = self.config, self.ctx
@@ -257,14 +274,8 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     if budget_ms is not None:
         log(f"gptq:reserving {config.gptq_reserve_seconds:.0f}s, effective={budget_ms:.0f}ms")
 
-    try:
+    with trainer.out_of_memory_explained(log):
         compile_seconds = trainer.compile_warmup(log)
-    except Exception as error:  # noqa: BLE001 - only OOM is translated
-        if is_out_of_memory(error):
-            memory_error = trainer.memory_error(error)
-            log(str(memory_error))
-            raise memory_error from error
-        raise
     if config.warmup_steps > 0:
         log(f"compile_warmup: {compile_seconds:.1f}s (not counted in the budget)")
 
@@ -343,10 +354,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
             if stop_after_step is None and reached_cap:
                 stop_after_step = step
     except Exception as error:  # noqa: BLE001 - only OOM is translated
-        if is_out_of_memory(error):
-            memory_error = trainer.memory_error(error)
-            log(str(memory_error))
-            raise memory_error from error
+        trainer.raise_explained_if_out_of_memory(error, log)
         raise
     _synchronize(device)
     if not diverged and not ema.is_healthy():

@@ -83,13 +83,12 @@ def legacy_confidence(slots, context_slots, window_length):
 
 
 @numba.njit(cache=True, inline="always")
-def apply_update(slots, context_slots, successor_slots, window_length, saved):
-    """count(b) += 1 in every context 0..w; saved[k] = (total, unique_max) before (journal)."""
+def apply_update_unjournaled(slots, context_slots, successor_slots, window_length):
+    """count(b) += 1 in every context 0..w (full update, SPEC 6.3), keeping each context's
+    total, distinct-symbol count and maximum count (packed unique<<32 | max) current."""
     for k in range(window_length + 1):
         cs = context_slots[k]
         ss = successor_slots[k]
-        saved[k, 0] = slots[cs, TOTAL]
-        saved[k, 1] = slots[cs, UNIQUE_MAX]
         count = slots[ss, COUNT] + 1
         slots[ss, COUNT] = count
         slots[cs, TOTAL] += 1
@@ -104,22 +103,13 @@ def apply_update(slots, context_slots, successor_slots, window_length, saved):
 
 
 @numba.njit(cache=True, inline="always")
-def apply_update_unjournaled(slots, context_slots, successor_slots, window_length):
-    """`apply_update` without the journal (the streaming scorer never rolls back)."""
+def apply_update(slots, context_slots, successor_slots, window_length, saved):
+    """count(b) += 1 in every context 0..w; saved[k] = (total, unique_max) before (journal)."""
     for k in range(window_length + 1):
         cs = context_slots[k]
-        ss = successor_slots[k]
-        count = slots[ss, COUNT] + 1
-        slots[ss, COUNT] = count
-        slots[cs, TOTAL] += 1
-        packed = slots[cs, UNIQUE_MAX]
-        unique = packed >> 32
-        maximum = packed & LOW32
-        if count == 1:
-            unique += 1
-        if count > maximum:
-            maximum = count
-        slots[cs, UNIQUE_MAX] = (unique << 32) | maximum
+        saved[k, 0] = slots[cs, TOTAL]
+        saved[k, 1] = slots[cs, UNIQUE_MAX]
+    apply_update_unjournaled(slots, context_slots, successor_slots, window_length)
 
 
 @numba.njit(cache=True)
