@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from parlm.config import Config, parse_overrides
+from parlm.config import Config, compile_enabled, parse_overrides
 from parlm.dist import init_distributed
-from parlm.eval import WindowScorer, autocast_context, compile_enabled, eval_val_sliding, synchronize, window_starts
+from parlm.eval import WindowScorer, autocast_context, eval_val_sliding, synchronize, window_starts
 from parlm.ttt import eval_val_ttt
 
 

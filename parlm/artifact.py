@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+ARTIFACT_NAME = "final_model.int6.ptz"
+OVER_CAP_NAME = "final_model.int6.OVER_CAP.ptz"  # an artifact over the cap: never mistaken for valid
 MAGIC = b"PGQ1"
 SHUFFLE_MAGIC = b"BSHF"
 CHUNK_BYTES = 1 << 20

@@ -363,6 +363,13 @@ def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _coerce(k, v) for k, v in values.items()}
 
 
+def compile_enabled(config: Config, device) -> bool:
+    """`compile`: "on" always, "off" never, "auto" on CUDA only (`device`: torch device or str)."""
+    if config.compile in ("on", "off"):
+        return config.compile == "on"
+    return str(device).startswith("cuda")
+
+
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     """Parse CLI `key=value` strings into a checked, typed override dict."""
     out: dict[str, Any] = {}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
-from .config import Config
+from .config import Config, compile_enabled
 
 LN2 = math.log(2.0)
 
@@ -73,15 +73,6 @@ def device_byte_tables(byte_tables, device: torch.device):
     object already converted with `.to_torch`)."""
     to_torch = getattr(byte_tables, "to_torch", None)
     return to_torch(device) if callable(to_torch) else byte_tables
-
-
-def compile_enabled(config: Config, device: torch.device | str) -> bool:
-    """`compile`: "on" always, "off" never, "auto" on CUDA only."""
-    if config.compile == "on":
-        return True
-    if config.compile == "off":
-        return False
-    return torch.device(device).type == "cuda"
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from . import dist
-from .config import Config
-from .eval import (EvalResult, WindowScorer, autocast_context, compile_enabled, eval_val,
+from .artifact import ARTIFACT_NAME, OVER_CAP_NAME
+from .config import Config, compile_enabled
+from .eval import (EvalResult, WindowScorer, autocast_context, eval_val,
                    eval_val_sliding, plain_batch_plan, synchronize)
 from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
-ARTIFACT_NAME = "final_model.int6.ptz"
 
 
 def compile_plain_model(config: Config, model, total_tokens: int, ctx):
@@ -92,9 +92,9 @@ def evaluate_run(config: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     artifact = run_dir / ARTIFACT_NAME
     if not artifact.exists():
-        if (run_dir / "final_model.int6.OVER_CAP.ptz").exists():
+        if (run_dir / OVER_CAP_NAME).exists():
             raise FileNotFoundError(
-                f"{run_dir} holds only final_model.int6.OVER_CAP.ptz: its bytes_total exceeds "
+                f"{run_dir} holds only {OVER_CAP_NAME}: its bytes_total exceeds "
                 f"artifact_cap_bytes={config.artifact_cap_bytes} (see quant.json), so it is no valid "
                 f"submission; for an experiment, re-quantize with a larger artifact_cap_bytes")
         raise FileNotFoundError(f"{artifact} not found; quantize first with "

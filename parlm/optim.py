@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from parlm import dist as parlm_dist
-from parlm.config import Config
+from parlm.config import Config, compile_enabled
 from parlm.model import GPT, is_control_tensor
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -144,10 +144,6 @@ def split_parameters(model: GPT, control_patterns) -> tuple[list[torch.nn.Parame
     return matrix, scalar
 
 
-def _compile_enabled(config: Config, device: torch.device) -> bool:
-    return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-
-
 class Optimizers:
     """The three optimizers of SPEC 3.3, stepped together:
     token AdamW (tied embedding; lr tied_embed_lr, wd embed_wd), Muon (block matrices; lr
@@ -166,7 +162,7 @@ class Optimizers:
         self.optimizer_muon = Muon(
             matrix_params, lr=config.matrix_lr, momentum=config.muon_momentum,
             backend_steps=config.muon_backend_steps, weight_decay=config.muon_wd,
-            row_normalize=config.muon_row_normalize, compile_newton_schulz=_compile_enabled(config, device))
+            row_normalize=config.muon_row_normalize, compile_newton_schulz=compile_enabled(config, device))
         for group in self.optimizer_muon.param_groups:
             group["base_lr"] = config.matrix_lr
         self.optimizer_scalar = torch.optim.AdamW(

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from . import dist, pipeline, runlog
-from .config import Config, ConfigError, add_config_arguments, config_from_arguments
+from .config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
 from .data.loader import ShuffledSequenceLoader
 from .data.shards import load_validation_tokens
 from .data.tokenizer import ByteTables
-from .eval import autocast_context, compile_enabled, eval_val
+from .eval import autocast_context, eval_val
 from .model import build_model
 from .optim import Optimizers, lr_multiplier, muon_momentum
 from .train_checks import check_inputs, clear_unfinished_attempt

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as torch_dist
 
 from . import dist
-from .config import Config
-from .eval import (EvalResult, WindowScorer, autocast_context, compile_enabled, loss_and_bpb,
+from .config import Config, compile_enabled
+from .eval import (EvalResult, WindowScorer, autocast_context, loss_and_bpb,
                    plan_ttt_chunks, synchronize)
 
 

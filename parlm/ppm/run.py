@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import ARTIFACT_NAME
 from ..runlog import RunLogger, atomic_write_bytes, read_json, write_json
 from .bytestream import TokenByteLayout
 from .diagnostics import void_fraction
@@ -56,7 +57,7 @@ def model_logprobs(config, run_dir, positions: np.ndarray, device="cpu") -> np.n
 
     from ..data.shards import load_validation_tokens
     from ..eval import autocast_context
-    from ..quant import ARTIFACT_NAME, load_quantized_model
+    from ..quant import load_quantized_model
 
     device = torch.device(device)
     model = load_quantized_model(config, Path(run_dir) / ARTIFACT_NAME, device)
@@ -109,7 +110,7 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
     positions = audit_positions(counts, audit_count)
     neural = audit_neural
     if neural == "auto":
-        neural = "model" if (run_dir / "final_model.int6.ptz").exists() else "spread"
+        neural = "model" if (run_dir / ARTIFACT_NAME).exists() else "spread"
     logprobs = None
     if neural == "model" and len(positions):
         from ..dist import resolve_device
