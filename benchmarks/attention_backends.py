@@ -43,7 +43,7 @@ def check_agreement(backend: str, q, k, v, grad_out) -> dict:
     """Max abs error of output and q/k/v gradients vs the fp32 softmax reference (2 sequences),
     relative to the reference's largest magnitude."""
     small = [t[:2].detach().clone().requires_grad_() for t in (q, k, v)]
-    out = attention.causal_attention(*small, backend)
+    out = attention.causal_attention(*small, backend, strict=True)
     out.backward(grad_out[:2])
     got = [out.detach().float()] + [t.grad.float() for t in small]
     ref_inputs = [t[:2].detach().float().requires_grad_() for t in (q, k, v)]
@@ -95,10 +95,10 @@ def main() -> int:
                 attention._NATIVE_GQA[backend] = native
             try:
                 def forward():
-                    return attention.causal_attention(q, k, v, backend)
+                    return attention.causal_attention(q, k, v, backend, strict=True)
 
                 def forward_backward():
-                    out = attention.causal_attention(q, k, v, backend)
+                    out = attention.causal_attention(q, k, v, backend, strict=True)
                     out.backward(grad_out)
 
                 fwd_ms = timed(lambda: forward(), args.iters, args.warmup)

@@ -42,6 +42,10 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+# Eager calls may fall back, in this order, when the chosen kernel rejects a shape (cuDNN
+# refuses a key/value length of 1, e.g. the audit's first window); compiled graphs, whose
+# shapes the backend probe and warm-up checked, keep the chosen kernel alone.
+_FALLBACK_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 KNOWN_BACKENDS = ("fa3", "fa4", "cudnn", "flash", "efficient", "math", "sdpa")
 
 # Per SDPA backend: does it take k/v with fewer heads (enable_gqa=True)? Filled by the probe;
@@ -69,8 +73,13 @@ def _load_fa3():
     return _fa3_flash_attn_func
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(D)) v with GQA; q [B,T,H,D], k/v [B,T,H_kv,D] -> [B,T,H,D]."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                     strict: bool = False) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v with GQA; q [B,T,H,D], k/v [B,T,H_kv,D] -> [B,T,H,D].
+
+    SDPA backends run with the chosen kernel first; outside torch.compile a shape that kernel
+    rejects falls back to flash, efficient, then math (same function, another kernel), unless
+    `strict` (the probe and the benchmarks: the chosen kernel or an error)."""
     if backend == "fa3":
         if _fa3_flash_attn_func is None:
             raise RuntimeError("FlashAttention-3 is not loaded; select the backend with select_backend('fa3', device)")
@@ -84,8 +93,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     gqa = native and groups > 1
     if backend == "sdpa":
         y = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, enable_gqa=gqa)
-    else:
+    elif strict or torch.compiler.is_compiling():
         with sdpa_kernel(SDPA_BACKENDS[backend]):
+            y = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, enable_gqa=gqa)
+    else:
+        chosen = SDPA_BACKENDS[backend]
+        order = [chosen] + [b for b in _FALLBACK_ORDER if b != chosen]
+        with sdpa_kernel(order, set_priority=True):
             y = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
 
@@ -136,7 +150,7 @@ def _probe(backend: str, device: torch.device) -> str | None:
     q, k, v, grad_out = (torch.randn(s, generator=generator).to(device, torch.bfloat16) for s in shapes)
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     try:
-        y = causal_attention(*inputs, backend)
+        y = causal_attention(*inputs, backend, strict=True)
         y.backward(grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

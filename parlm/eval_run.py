@@ -1,9 +1,10 @@
 """The pipeline's "eval" stage: `evaluate_run(config, run_dir)` and `python -m parlm.eval`.
 
 Deserializes the run's artifact and measures, as the reference does after quantization
-(SPEC 5): plain BPB ("quantized"), sliding-window BPB and score-first TTT BPB on a fresh copy
-of the artifact, plus parlm's valid token mixture when `mixture_enabled`. Compile time is
-measured on dummy batches before each timed stage and reported separately.
+(SPEC 5): plain BPB ("quantized"), sliding-window BPB and score-first TTT BPB, plus parlm's valid token mixture when `mixture_enabled`. Compile time is
+measured on dummy batches before each timed stage and reported separately. Plain and sliding
+evaluation leave the weights untouched, so TTT adapts the same model in place and reuses the
+sliding scorer's compiled graphs; the reference reloads the artifact and compiles again.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
 def compile_plain_model(config: Config, model, total_tokens: int, ctx):
     """(model for `eval_val`, compile seconds): compiled with dynamic=False, fullgraph=True
-    when compile is on, and warmed up on dummy batches of every shape eval_val will use."""
-    if not compile_enabled(config, ctx.device):
+    when compile is on and `eval_compile_plain`, and warmed up on dummy batches of every shape
+    eval_val will use; else the model itself and 0.0."""
+    if not (config.eval_compile_plain and compile_enabled(config, ctx.device)):
         return model, 0.0
     t0 = time.perf_counter()
     compiled = torch.compile(model, dynamic=False, fullgraph=True)
@@ -80,7 +82,7 @@ def add_sliding_to_chunks(chunks: list[dict], sliding_nll: np.ndarray, val_token
 
 def evaluate_run(config: Config, run_dir) -> dict:
     """Evaluate a run folder's artifact: plain ("quantized", SPEC 5.1), sliding window
-    (SPEC 5.2) and score-first TTT (SPEC 5.3) on a fresh copy, plus the valid mixture when
+    (SPEC 5.2) and score-first TTT (SPEC 5.3) on the artifact weights, plus the valid mixture when
     `mixture_enabled`. Writes eval.json (BPB, loss, seconds per stage with compile time
     separate, per-chunk TTT numbers), nll.npz (rank 0) and metrics.jsonl records with stage
     "eval". Runs in one process or under torchrun; returns the eval.json dict."""
@@ -130,7 +132,7 @@ def evaluate_run(config: Config, run_dir) -> dict:
     del plain_model
     reset_compiler(config, device)
 
-    sliding_nll = None
+    sliding_nll, scorer = None, None
     if config.sliding_window_enabled:
         # Per-position sliding NLLs: per-chunk comparison with TTT, and the NLL dump without TTT.
         buffer = torch.zeros(total + 1, dtype=torch.float32, device=device)
@@ -143,21 +145,16 @@ def evaluate_run(config: Config, run_dir) -> dict:
                                            nll_out=buffer, show_progress=True), compile_seconds)
         sliding_nll = reduce_to_main(buffer, ctx)
         del buffer
-        del scorer
-        reset_compiler(config, device)
-    del model
 
     if config.ttt_enabled:
-        t0 = time.perf_counter()
-        ttt_model = load_quantized_model(config, artifact, device)
-        out["ttt_load_seconds"] = time.perf_counter() - t0
         mixture = None
         if config.mixture_enabled:
             from .mixture import TokenNgramMixture
 
             mixture = TokenNgramMixture(config, val_tokens, config.vocab_size, device)
-        ttt = eval_val_ttt(config, ttt_model, val_tokens, byte_tables, ctx, mixture=mixture,
-                           diagnostic_after=config.ttt_diagnostic_after, show_progress=True)
+        ttt = eval_val_ttt(config, model, val_tokens, byte_tables, ctx, mixture=mixture,
+                           diagnostic_after=config.ttt_diagnostic_after, show_progress=True,
+                           scorer=scorer)
         record("ttt", ttt.result, ttt.extra["compile_seconds"])
         out["ttt_num_chunks"] = ttt.extra["num_chunks"]
         out["ttt_diagnostic_after"] = bool(config.ttt_diagnostic_after)
@@ -176,7 +173,6 @@ def evaluate_run(config: Config, run_dir) -> dict:
             logger.metric("eval", name="mix_valid", loss=ttt.mix.loss, bpb=ttt.mix.bpb)
         if ctx.is_main:
             write_nll(run_dir / "nll.npz", val_tokens, ttt.nll, ttt.nll_mix, source="ttt")
-        del ttt_model
         reset_compiler(config, device)
     elif sliding_nll is not None and ctx.is_main:
         write_nll(run_dir / "nll.npz", val_tokens, sliding_nll[:total], None, source="sliding")

@@ -244,7 +244,9 @@ def run(plan: RunPlan) -> int:
     invocation = {"preset": plan.preset, "seeds": plan.seeds, "overrides": plan.overrides,
                   "nproc": plan.nproc, "baseline": plan.baseline, "kernel": plan.kernel_name,
                   "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    runlog.write_json(plan.run_root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json", invocation)
+    # One record per invocation; the pid keeps concurrent invocations (one seed per GPU) apart.
+    runlog.write_json(plan.run_root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json",
+                      invocation)
     _say(f"run id: {plan.run_id}  ({plan.run_root})  kernel: {plan.kernel_name}")
     failures = []
     for seed in plan.seeds:
@@ -307,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Welch-test baseline for the report: pr1858, a run folder, or none")
     parser.add_argument("--kernel", help="Jupyter kernel (default: parlm if registered for this "
                         "environment, else python3)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="run the seeds only; a later invocation with the same --run-id and "
+                             "all seeds makes the report (e.g. after one invocation per GPU)")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing seed, go on with the others (exit code still 1)")
     parser.add_argument("--quiet", action="store_true",
@@ -337,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    run_id=args.run_id or default_run_id(args.preset),
                    runs_dir=Path(args.runs_dir).resolve(), overrides=list(args.overrides),
                    nproc=args.nproc, baseline=args.baseline,
-                   kernel_name=args.kernel or choose_kernel(), log_output=not args.quiet)
+                   kernel_name=args.kernel or choose_kernel(), log_output=not args.quiet,
+                   keep_going=args.keep_going,
+                   report_notebook=None if args.no_report else REPORT_NOTEBOOK)
     try:
         return run(plan)
     except FileNotFoundError as exc:

@@ -118,6 +118,9 @@ class Trainer:
                                                  broadcast_buffers=False)
         else:
             self.model = self.compiled_model
+        # Plain validation: eager unless eval_compile_plain (its own compile costs more than
+        # it saves on a once-per-run pass).
+        self.eval_model = self.compiled_model if config.eval_compile_plain else self.base_model
         self.optimizers = Optimizers(config, self.base_model)
         self.parameters = [p for p in self.base_model.parameters() if p.requires_grad]
         self.loader = self.new_loader()
@@ -298,7 +301,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
                 _synchronize(device)
                 training_ms += 1000.0 * (time.perf_counter() - start)
                 trainer.phase = f"validation at step {step}"
-                result = eval_val(config, trainer.compiled_model, val_tokens, byte_tables, ctx)
+                result = eval_val(config, trainer.eval_model, val_tokens, byte_tables, ctx)
                 live_val = result
                 log(f"{step}/{iterations} val_loss: {result.loss:.4f} val_bpb: {result.bpb:.4f} "
                     f"eval_time:{1000 * result.seconds:.0f}ms")
@@ -414,7 +417,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
         raise TrainingDiverged(message, bad_step)
 
     trainer.phase = "pre-quantization evaluation"
-    result = eval_val(config, trainer.compiled_model, val_tokens, byte_tables, ctx)
+    result = eval_val(config, trainer.eval_model, val_tokens, byte_tables, ctx)
     log(f"pre-quantization post-ema val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} "
         f"eval_time:{1000 * result.seconds:.0f}ms")
     logger.metric("prequant", step=step, val_loss=result.loss, val_bpb=result.bpb, seconds=result.seconds)

@@ -143,7 +143,7 @@ class TTTTrainer:
 def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx,
                  mixture=None, diagnostic_after: bool = False, warmup: bool = True,
                  on_score: Callable | None = None, on_train: Callable | None = None,
-                 show_progress: bool = False) -> TTTResult:
+                 show_progress: bool = False, scorer: WindowScorer | None = None) -> TTTResult:
     """Score-first TTT over the validation stream (SPEC 5.3; module docstring).
 
     `model` is adapted in place (pass a fresh copy of the artifact). loss = Σnll/N and
@@ -157,10 +157,15 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
     `nll` is included in `result.seconds` and also reported alone (`extra["mixture_seconds"]`,
     synchronized calls). `on_score(positions, nll)` and `on_train(first_position,
     last_position)` (position p predicts token p+1) are instrumentation hooks for the
-    compliance tests."""
+    compliance tests. `scorer` may be a WindowScorer already built (and compiled) over this
+    `model` and `val_tokens` by the sliding stage: its graphs are reused instead of compiled
+    again; the model's weights must still be the artifact's."""
     device = ctx.device
     seq_len, stride, chunk_tokens = config.eval_seq_len, config.eval_stride, config.ttt_chunk_tokens
-    scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
+    if scorer is None:
+        scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
+    elif scorer.model is not model:
+        raise ValueError("eval_val_ttt: the given scorer wraps another model than the one to adapt")
     tokens, total = scorer.tokens, scorer.total_tokens
     bounds = plan_ttt_chunks(total, seq_len, stride, chunk_tokens)
     num_chunks = len(bounds) - 1

@@ -50,6 +50,17 @@ def test_cpu_backends_match_slow_softmax(backend):
     assert torch.allclose(out.double(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [1, 2, 7])
+def test_a_kernel_that_rejects_the_shape_falls_back_in_eager_mode_only(length):
+    """cuDNN is unavailable on CPU, as it is on CUDA for a key/value length of 1: eager calls
+    fall back to another kernel with the same result; strict calls (the probe) raise."""
+    q, k, v = random_qkv(shape_q=(1, length, 4, 8), seed=4)
+    out = causal_attention(q, k, v, "cudnn")
+    assert torch.allclose(out.double(), slow_attention(q, k, v), atol=1e-5)
+    with pytest.raises(RuntimeError):
+        causal_attention(q, k, v, "cudnn", strict=True)
+
+
 def test_cpu_gradients_match_slow_softmax():
     q, k, v = (t.double().requires_grad_() for t in random_qkv(shape_q=(1, 5, 4, 4), seed=1))
     weights = torch.randn(1, 5, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -88,7 +99,7 @@ def test_probe_rejects_a_wrong_kernel(monkeypatch):
     """A kernel that ignores the causal mask must be reported, not selected."""
     import parlm.attention as attention_module
 
-    def not_causal(q, k, v, backend):
+    def not_causal(q, k, v, backend, strict=False):
         k, v = repeat_kv(k, q.size(2) // k.size(2)), repeat_kv(v, q.size(2) // k.size(2))
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.size(-1))
         return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)

@@ -332,6 +332,15 @@ def test_evaluate_run_writes_consistent_outputs(tiny_dataset_config, tmp_path):
     assert saved["sliding_bpb"] == pytest.approx(sliding_bits / n_bytes, rel=1e-6)
     names = [r["name"] for r in read_metrics(tmp_path, "eval")]
     assert {"quantized", "sliding", "ttt", "mix_valid", "ttt_chunk"} <= set(names)
+    # TTT inside the stage reuses the sliding stage's model and scorer; a fresh artifact load
+    # with its own scorer gives the same score (plain and sliding left the weights untouched).
+    from parlm.artifact import ARTIFACT_NAME, load_quantized_model
+    from parlm.data.shards import load_validation_tokens
+
+    fresh = load_quantized_model(config, tmp_path / ARTIFACT_NAME, "cpu")
+    val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
+    alone = eval_val_ttt(config, fresh, val_tokens, tables, CPU)
+    assert alone.result.bpb == pytest.approx(saved["ttt_bpb"], rel=1e-6)
 
 
 def test_cumulative_gain_hand_example():

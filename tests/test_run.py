@@ -50,6 +50,16 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
         run.prepare_seed(plan, 1)
 
 
+def test_cli_flags_reach_the_plan(monkeypatch):
+    seen = []
+    monkeypatch.setattr(run, "run", lambda plan: seen.append(plan) or 0)
+    assert run.main(["--preset", "demo", "--seeds", "7", "--run-id", "x", "--quiet"]) == 0
+    assert seen[-1].report_notebook == run.REPORT_NOTEBOOK and not seen[-1].keep_going
+    assert run.main(["--preset", "demo", "--seeds", "7", "--run-id", "x", "--quiet",
+                     "--no-report", "--keep-going"]) == 0
+    assert seen[-1].report_notebook is None and seen[-1].keep_going
+
+
 def test_bad_override_and_unknown_preset_exit_2(capsys):
     assert run.main(["--preset", "nope", "--seeds", "1"]) == 2
     assert "unknown preset" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `python -m parlm.run --preset $PRESET` (default proxy; papermill, notebooks 01-07) for several seeds on a GPU
+# machine, one GPU per seed, the seeds of one GPU one after the other, then the report. Written
+# for the device tool: carry .carry (the corpus .xz and the 8192 tokenizer) and .whl (brotli,
+# papermill and its dependencies); from the repository root:
+#     bash benchmarks/proxy_seeds.sh RUN_ID "42 314" [--set key=value ...]
+# Each seed runs under its own Inductor cache folder, so its compile times are cold ones. A
+# seed is stopped after SEED_TIMEOUT seconds (default 520); rerunning the same RUN_ID resumes
+# its unfinished notebooks. Results (small files of every seed folder and the report) are packed
+# into $OUT/RUN_ID.tar.gz, with the logs beside it.
+set -u
+RUN_ID=$1; SEEDS=$2; shift 2
+PRESET=${PRESET:-proxy}
+OUT=${OUT:-runs/${RUN_ID}_out}
+mkdir -p "$OUT" && OUT=$(realpath "$OUT")
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if [ -d .whl ] && ! python3 -c 'import papermill, brotli' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+if [ "$PRESET" = proxy ] && [ ! -f data/datasets/wiki2015_sp8192/manifest.json ]; then
+  stamp "build proxy dataset"
+  python3 -m parlm.data build --docs .carry/docs_selected.jsonl.xz --tokenizer .carry/fineweb_8192_bpe.model \
+    --num-val-docs 250 --out data --name wiki2015_sp8192 --workers 16 --quiet 2>&1 | tail -2
+fi
+GPUS=$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+SEED_LIST=($SEEDS)
+stamp "$PRESET: ${#SEED_LIST[@]} seed(s) on $GPUS GPU slot(s): $SEEDS"
+for ((gpu = 0; gpu < GPUS; gpu++)); do
+  mine=()
+  for ((i = gpu; i < ${#SEED_LIST[@]}; i += GPUS)); do mine+=("${SEED_LIST[$i]}"); done
+  [ ${#mine[@]} -eq 0 ] && continue
+  (
+    for seed in "${mine[@]}"; do
+      stamp "seed $seed on GPU $gpu"
+      CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_${RUN_ID}_$seed \
+        timeout -s INT -k 30 "${SEED_TIMEOUT:-520}" \
+        python3 -m parlm.run --preset "$PRESET" --seeds "$seed" --run-id "$RUN_ID" --no-report "$@" \
+        > "$OUT/seed_$seed.log" 2>&1
+      stamp "seed $seed exit $?"
+    done
+  ) &
+done
+wait
+stamp "report"
+python3 -m parlm.run --preset "$PRESET" --seeds $SEEDS --run-id "$RUN_ID" "$@" > "$OUT/report.log" 2>&1
+stamp "report exit $?"
+tail -30 "$OUT/report.log"
+# Small files only: executed notebooks, logs, JSON, metrics, plots, the report folder.
+(cd runs && find "$RUN_ID" -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.md' \
+  -o -name '*.ipynb' -o -name '*.png' -o -name '*.yaml' -o -name '*.py' -o -name '*.done' \) -size -8M -print0 \
+  | tar --null -czf "$OUT/$RUN_ID.tar.gz" -T -)
+ls -la "$OUT"
