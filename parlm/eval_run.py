@@ -1,10 +1,11 @@
 """The pipeline's "eval" stage: `evaluate_run(config, run_dir)` and `python -m parlm.eval`.
 
 Deserializes the run's artifact and measures, as the reference does after quantization
-(SPEC 5): plain BPB ("quantized"), sliding-window BPB and score-first TTT BPB, plus parlm's valid token mixture when `mixture_enabled`. Compile time is
-measured on dummy batches before each timed stage and reported separately. Plain and sliding
-evaluation leave the weights untouched, so TTT adapts the same model in place and reuses the
-sliding scorer's compiled graphs; the reference reloads the artifact and compiles again.
+(SPEC 5): plain BPB ("quantized"), sliding-window BPB and score-first TTT BPB, plus parlm's
+valid token mixture when `mixture_enabled`. Compile time is measured on dummy batches before
+each timed stage and reported separately. Plain and sliding evaluation leave the weights
+untouched, so TTT adapts the same model in place and reuses the sliding scorer's compiled
+graphs; the reference reloads the artifact and compiles again.
 """
 from __future__ import annotations
 

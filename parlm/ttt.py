@@ -146,7 +146,7 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
                  show_progress: bool = False, scorer: WindowScorer | None = None) -> TTTResult:
     """Score-first TTT over the validation stream (SPEC 5.3; module docstring).
 
-    `model` is adapted in place (pass a fresh copy of the artifact). loss = Σnll/N and
+    `model` is adapted in place (pass the artifact's weights, unchanged). loss = Σnll/N and
     bpb = Σnll/(ln2·Σbytes) over the positions as scored before each chunk's update. With a
     valid `mixture` (`TokenNgramMixture`), every rank calls `mixture.nll(logits, positions)`
     on its scored positions and `mixture.advance(chunk_end)` after each chunk, and the mixed
