@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .artifact import ARTIFACT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
+from .artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
 from .gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
 from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
-CHECKPOINT_NAME = "final_model.pt"
 CODE_NAME = "submission_train_gpt.py"
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import dist, pipeline, runlog
+from .artifact import CHECKPOINT_NAME
 from .config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
 from .data.loader import ShuffledSequenceLoader
 from .data.shards import load_validation_tokens
@@ -201,15 +202,11 @@ class Trainer:
         try:
             yield
         except Exception as error:  # noqa: BLE001 - only OOM is translated
-            self.raise_explained_if_out_of_memory(error, log)
+            if is_out_of_memory(error):
+                memory_error = self.memory_error(error)
+                log(str(memory_error))
+                raise memory_error from error
             raise
-
-    def raise_explained_if_out_of_memory(self, error: BaseException, log=print) -> None:
-        """If `error` is an out-of-memory error, log and raise the explained version of it."""
-        if is_out_of_memory(error):
-            memory_error = self.memory_error(error)
-            log(str(memory_error))
-            raise memory_error from error
 
     def memory_error(self, error: BaseException) -> InsufficientMemoryError:
         """The OOM message: where it happened, the per-rank micro-batch shape, how to shrink it."""
@@ -294,7 +291,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     _synchronize(device)
     start = time.perf_counter()
     timer.resume()
-    try:
+    with trainer.out_of_memory_explained(log):
         while True:
             last_step = step == iterations or (stop_after_step is not None and step >= stop_after_step)
             if last_step or (config.val_loss_every > 0 and step % config.val_loss_every == 0):
@@ -356,9 +353,6 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
                     break
             if stop_after_step is None and reached_cap:
                 stop_after_step = step
-    except Exception as error:  # noqa: BLE001 - only OOM is translated
-        trainer.raise_explained_if_out_of_memory(error, log)
-        raise
     _synchronize(device)
     if not diverged and not ema.is_healthy():
         diverged = True
@@ -406,7 +400,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
         bad_step = int(ema.first_bad_step.item())
         summary["diverged_step"] = bad_step
         if ctx.is_main:
-            _save_state_dict(base_model.state_dict(), run_dir / "final_model.pt")
+            _save_state_dict(base_model.state_dict(), run_dir / CHECKPOINT_NAME)
             runlog.write_json(run_dir / "train.json", summary)
         message = (f"training diverged: non-finite loss/gradient/weights at step {bad_step}; the EMA "
                    f"of the steps before it was saved as {run_dir / 'final_model.pt'} "
@@ -423,7 +417,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     logger.metric("prequant", step=step, val_loss=result.loss, val_bpb=result.bpb, seconds=result.seconds)
     summary.update(prequant_loss=result.loss, prequant_bpb=result.bpb, prequant_seconds=result.seconds)
     if ctx.is_main:
-        _save_state_dict(base_model.state_dict(), run_dir / "final_model.pt")
+        _save_state_dict(base_model.state_dict(), run_dir / CHECKPOINT_NAME)
         runlog.write_json(run_dir / "train.json", summary)
     log(f"train: done steps:{step} train_time:{training_ms:.0f}ms live_val_bpb:"
         f"{summary['live_val_bpb']} prequant_bpb:{result.bpb:.6f} "

@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 from . import runlog
+from .artifact import CHECKPOINT_NAME
 from .config import Config, ConfigError
 
-TRAIN_OUTPUTS = ("train.json", "final_model.pt")
+TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)
 
 
 def check_inputs(config: Config, world_size: int) -> int:

@@ -166,6 +166,7 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
         scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
     elif scorer.model is not model:
         raise ValueError("eval_val_ttt: the given scorer wraps another model than the one to adapt")
+    mixture_seconds_before = scorer.mixture_seconds  # a reused scorer carries its own count
     tokens, total = scorer.tokens, scorer.total_tokens
     bounds = plan_ttt_chunks(total, seq_len, stride, chunk_tokens)
     num_chunks = len(bounds) - 1
@@ -253,7 +254,7 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
                      nll_mix=None if nll_mix is None else nll_mix[:total].astype(np.float64),
                      mix=mix, extra={"compile_seconds": compile_seconds, "num_chunks": num_chunks,
                                      "diagnostic_seconds": diagnostic_seconds,
-                                     "mixture_seconds": scorer.mixture_seconds})
+                                     "mixture_seconds": scorer.mixture_seconds - mixture_seconds_before})
 
 
 def reduce_to_main(buffer: torch.Tensor, ctx) -> np.ndarray | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ARTIFACT_NAME
+from ..artifact import ARTIFACT_NAME, CHECKPOINT_NAME
 from ..runlog import RunLogger, atomic_write_bytes, read_json, write_json
 from .bytestream import TokenByteLayout
 from .diagnostics import void_fraction
@@ -75,7 +75,7 @@ def model_logprobs(config, run_dir, positions: np.ndarray, device="cpu") -> np.n
 
 
 def _void_from_checkpoint(run_dir: Path) -> tuple[float | None, str]:
-    checkpoint = run_dir / "final_model.pt"
+    checkpoint = run_dir / CHECKPOINT_NAME
     if not checkpoint.exists():
         return None, "unavailable (no final_model.pt)"
     import torch
