@@ -4,7 +4,10 @@
         [--noise SAME_SETUP_OTHER_SEED/metrics.jsonl] [--plot curves.png]
 
 Used for the distributed check: BASE the 1-GPU run, OTHER the same settings on N GPUs, NOISE
-the 1-GPU run with another seed. Over the steps all runs logged, prints per phase (before /
+the 1-GPU run with another seed; and for the fidelity check against the reference script: BASE
+its training log (run with TRAIN_LOG_EVERY=1), OTHER and NOISE two parlm seeds. Each input is a
+parlm metrics.jsonl or a text training log (the reference's, parlm's train.log, or a parlm.run
+console log). Over the steps all runs logged, prints per phase (before /
 after depth recurrence, as BASE logged it) the mean |Δ train_loss| and mean Δ of OTHER and of
 NOISE against BASE, and the cumulative tok/s of each run at its last step before and after
 looping, divided by its world size when the metrics carry one (train records do not: give it
@@ -14,18 +17,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 
+TRAIN_LINE = re.compile(r"\b(\d+)/\d+ train_loss: (\S+) .*?tok/s: (\d+)")
+LOOP_LINE = re.compile(r"layer_loop:enabled step:(\d+)")
+
+
 def train_records(path: str | Path) -> dict[int, dict]:
-    """step -> the `stage == "train"` record of a metrics.jsonl that has a train_loss."""
+    """step -> {train_loss, tok_per_sec, looping} for every logged training step.
+
+    From a metrics.jsonl: its `stage == "train"` records that have a train_loss. From a text
+    log: the lines `STEP/ITERATIONS train_loss: L ... tok/s: R` (the format the reference and
+    parlm both log); looping is on for the steps after `layer_loop:enabled step:S` (S counts
+    the steps already taken, so step S+1 is the first looped one)."""
+    path = Path(path)
     records = {}
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
-        if record.get("stage") == "train" and "train_loss" in record:
-            records[int(record["step"])] = record
+    if path.suffix == ".jsonl":
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") == "train" and "train_loss" in record:
+                records[int(record["step"])] = record
+        return records
+    looping_after = None
+    for line in path.read_text(errors="replace").splitlines():
+        loop = LOOP_LINE.search(line)
+        if loop and looping_after is None:
+            looping_after = int(loop.group(1))
+        match = TRAIN_LINE.search(line)
+        if match:
+            step = int(match.group(1))
+            records[step] = {"train_loss": float(match.group(2)), "tok_per_sec": float(match.group(3)),
+                             "looping": looping_after is not None and step > looping_after}
+    if not records:
+        raise SystemExit(f"{path}: no training-loss lines (expected 'STEP/ITERATIONS train_loss: ...')")
     return records
 
 

@@ -25,6 +25,9 @@ if [ "$PRESET" = proxy ] && [ ! -f data/datasets/wiki2015_sp8192/manifest.json ]
     --num-val-docs 250 --out data --name wiki2015_sp8192 --workers 16 --quiet 2>&1 | tail -2
 fi
 GPUS=$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+# Each seed's processes get an equal share of the CPU cores (CPU thread pools of concurrent
+# seeds would otherwise each size themselves to the whole machine).
+export OMP_NUM_THREADS=$(( $(nproc) / GPUS > 0 ? $(nproc) / GPUS : 1 ))
 SEED_LIST=($SEEDS)
 stamp "$PRESET: ${#SEED_LIST[@]} seed(s) on $GPUS GPU slot(s): $SEEDS"
 for ((gpu = 0; gpu < GPUS; gpu++)); do

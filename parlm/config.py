@@ -20,6 +20,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # with their own folder as working directory, and the CLI agree); outside a checkout, the cwd.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_PATH_KEYS = ("data_dir", "tokenizer_path")
+ROPE_PRECISIONS = ("reference_cuda", "reference_eager", "float32")
 
 # Names of the control tensors (SPEC 3.3): AdamW "scalar" group, fp32 storage, fp16 passthrough.
 REFERENCE_CONTROL_TENSOR_NAME_PATTERNS = (
@@ -49,8 +50,11 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA) | on | off
     attention_backend: str = "auto"  # auto | fa3 | fa4 | cudnn | flash | efficient | math
-    # Reference quirk (SPEC 2.2): RoPE positions built in bf16, so positions > 256 round.
-    rope_bf16_positions: bool = True
+    # RoPE table arithmetic (parlm.model.rope_tables): "reference_cuda" is what the reference
+    # computes in its compiled CUDA graphs (bf16 inv_freq, fp32 positions and angles);
+    # "reference_eager" its eager quirk of SPEC 2.2 (bf16 positions: t > 256 rounds);
+    # "float32" no rounding at all.
+    rope_precision: str = "reference_cuda"
     # "seed_and_rank" (parlm: SEED changes the data order) or "rank" (reference, SPEC 8.5.4).
     data_order: str = "seed_and_rank"
     # Global batch is split into this many micro-batches: grad_accum_steps = 8 // world_size.
@@ -245,6 +249,7 @@ class Config:
             "compile": ("auto", "on", "off"),
             "attention_backend": ("auto", "fa3", "fa4", "cudnn", "flash", "efficient", "math"),
             "data_order": ("seed_and_rank", "rank"),
+            "rope_precision": ROPE_PRECISIONS,
             "compressor": ("brotli", "lzma"),
         }
         for name, allowed in choices.items():
@@ -309,6 +314,8 @@ class Config:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        if "rope_bf16_positions" in data:  # configs saved before rope_precision existed
+            data["rope_precision"] = "reference_eager" if data.pop("rope_bf16_positions") else "float32"
         try:
             cfg = cls().replace(**data)
         except ConfigError as exc:

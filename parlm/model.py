@@ -7,8 +7,9 @@ SPEC.md reads beside the code and state dicts carry the reference's keys.
 
 Speed notes (what differs from a literal transcription, never the function computed):
 - the RoPE tables are computed once at construction into non-persistent buffers (sliced per
-  call, so compiled graphs see plain tensors), reproducing the reference's bf16 position
-  rounding by default (SPEC 2.2, `rope_bf16_positions`);
+  call, so compiled graphs see plain tensors), with the arithmetic the reference's compiled
+  CUDA graphs use by default; its eager bf16-position quirk (SPEC 2.2) is
+  `rope_precision="reference_eager"` (see `rope_tables`);
 - with `fused_projections` the Q/K/V projections of a block (plus the MLP input projection of
   a parallel block, which reads the same normalised input) run as ONE matmul against the
   concatenated weights; parameters stay separate. Forward hooks on those linears switch the
@@ -26,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from parlm.attention import causal_attention, select_backend
-from parlm.config import Config, ConfigError
+from parlm.config import ROPE_PRECISIONS, Config, ConfigError
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -56,24 +57,44 @@ class CastedLinear(nn.Linear):
 # ----------------------------------------------------------------------------------------
 # Rotary position embedding (SPEC 2.2)
 def rope_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int,
-                bf16_positions: bool = True, device: torch.device | str = "cpu"
+                precision: str = "reference_cuda", device: torch.device | str = "cpu"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, rope_dims/2] (float32 storage) of angle t * inv_freq_i.
+    """cos/sin tables [seq_len, rope_dims/2] (float32 storage) of angle t * inv_freq_i,
+    inv_freq_i = base^(-2i/rope_dims).
 
-    inv_freq_i = base^(-2i/rope_dims). With `bf16_positions` (the reference quirk) inv_freq,
-    the position ramp t, the product and cos/sin are all bf16, so t > 256 is rounded
-    (257 -> 256, 1001 -> 1000, 2047 -> 2048). For seq_len > train_seq_len the NTK rescale
-    base * (seq_len/train_seq_len)^(rope_dims/(rope_dims-2)) applies, computed in float32
-    (as the reference does: that branch builds a fresh fp32 inv_freq)."""
+    The reference casts its model with `.bfloat16()`, which makes its `inv_freq` buffer bf16,
+    then builds the tables inside the forward pass (`arange(T, dtype=inv_freq.dtype)`,
+    `outer`, `cos`) and caches them in bf16. What that computes depends on how it runs:
+      "reference_cuda" (default): cos(t * fp32(bf16(inv_freq))) with exact positions and an
+        fp32 angle, rounded to bf16. The reference's training and evaluation run compiled on
+        CUDA, where Inductor keeps the bf16 intermediates in fp32 (measured on the H100 with the
+        reference's own Rotary, README "Measured on GPUs"; the CUDA test in tests/test_model.py
+        checks the same code path);
+      "reference_eager": SPEC 2.2's quirk, the reference run eagerly: positions in bf16, so
+        t > 256 rounds (257 -> 256, 2047 -> 2048), and the angle rounded to bf16 before cos;
+      "float32": exact inv_freq, positions and angles, no rounding.
+    For seq_len > train_seq_len the NTK rescale base * (seq_len/train_seq_len)^(rope_dims/
+    (rope_dims-2)) applies, all in float32 (that branch of the reference builds a fresh fp32
+    inv_freq)."""
+    if precision not in ROPE_PRECISIONS:
+        raise ConfigError(f"rope_precision={precision!r} is not one of {ROPE_PRECISIONS}")
     exponents = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
-    dtype = torch.bfloat16 if bf16_positions else torch.float32
     if seq_len > train_seq_len:
         base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
-        dtype = torch.float32
-    inv_freq = (1.0 / base ** exponents).to(dtype)
-    positions = torch.arange(seq_len, dtype=dtype, device=device)
+        precision = "float32"
+    inv_freq = 1.0 / base ** exponents
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    if precision != "float32":
+        inv_freq = inv_freq.bfloat16().float()
+    if precision == "reference_eager":
+        positions = positions.bfloat16().float()
     angles = torch.outer(positions, inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    if precision == "reference_eager":
+        angles = angles.bfloat16().float()
+    cos, sin = angles.cos(), angles.sin()
+    if precision != "float32":
+        cos, sin = cos.bfloat16(), sin.bfloat16()
+    return cos.float(), sin.float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:
@@ -278,9 +299,9 @@ class GPT(nn.Module):
         # RoPE tables for every length up to train_seq_len (longer sequences are computed per call).
         self.rope_dims, self.rope_base = config.rope_dims, config.rope_base
         self.rope_train_seq_len = config.train_seq_len  # the reference uses TRAIN_SEQ_LEN here
-        self.rope_bf16_positions = config.rope_bf16_positions
+        self.rope_precision = config.rope_precision
         cos, sin = rope_tables(config.train_seq_len, max(config.rope_dims, 2), config.rope_base,
-                               config.train_seq_len, config.rope_bf16_positions)
+                               config.train_seq_len, config.rope_precision)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -313,7 +334,7 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         else:
             cos, sin = rope_tables(seq_len, self.rope_dims, self.rope_base, self.rope_train_seq_len,
-                                   self.rope_bf16_positions, device)
+                                   self.rope_precision, device)
         return cos[:, None, :], sin[:, None, :]
 
     # ---- forward -----------------------------------------------------------------------

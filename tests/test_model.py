@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +15,7 @@ from parlm.model import GPT, build_model, looped_schedule, skip_connections
 
 def small_config(tiny_config: Config, **overrides) -> Config:
     """Tiny model with 2 of its 4 layers using XSA and exact (fp32) RoPE positions."""
-    base = dict(xsa_last_n=2, rope_bf16_positions=False)
+    base = dict(xsa_last_n=2, rope_precision="float32")
     base.update(overrides)
     return tiny_config.replace(**base)
 
@@ -99,23 +100,71 @@ def test_initialisation_statistics(tiny_config):
 
 # ----------------------------------------------------------------------------------------
 # Building blocks against hand computations
-def test_rope_tables_reproduce_bf16_rounding():
-    cos, sin = rope_tables_for(2048, bf16=True)
-    exact_cos, _ = rope_tables_for(2048, bf16=False)
-    inv = [10000.0 ** (-2 * i / 16) for i in range(8)]
-    inv_bf16 = torch.tensor(inv).bfloat16()
+INV_FREQ_16 = [10000.0 ** (-2 * i / 16) for i in range(8)]
+INV_FREQ_16_BF16 = [float(torch.tensor(f).bfloat16()) for f in INV_FREQ_16]
+
+
+def bf16(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32).bfloat16())
+
+
+def test_rope_tables_default_is_the_reference_cuda_arithmetic():
+    """cos(fp32(t) * fp32(bf16(inv_freq))) rounded to bf16, exact positions; by hand."""
+    cos, sin = rope_tables_for(2048, "reference_cuda")
+    for position in (5, 256, 257, 1001, 2047):
+        for i, f in enumerate(INV_FREQ_16_BF16):
+            angle = float(torch.tensor(float(position)) * torch.tensor(f))  # one fp32 product
+            assert cos[position, i].item() == bf16(math.cos(angle)), (position, i)
+            assert sin[position, i].item() == bf16(math.sin(angle)), (position, i)
+    assert not torch.equal(cos[257], cos[256])
+
+
+def test_rope_tables_eager_variant_rounds_positions_and_angles():
+    """SPEC 2.2's quirk: positions in bf16 (257 -> 256, 1001 -> 1000, 2047 -> 2048), the product
+    of two bf16 numbers rounded to bf16, then cos."""
+    cos, sin = rope_tables_for(2048, "reference_eager")
+    inv_bf16 = torch.tensor(INV_FREQ_16).bfloat16()
     for position, rounded in ((5, 5), (256, 256), (257, 256), (1001, 1000), (2047, 2048)):
-        angle = (torch.tensor(float(rounded)).bfloat16() * inv_bf16)  # bf16 product, as the reference
+        assert bf16(float(position)) == rounded
+        angle = torch.tensor(float(rounded)).bfloat16() * inv_bf16  # bf16 x bf16 -> bf16
         assert torch.equal(cos[position], angle.cos().float()), position
         assert torch.equal(sin[position], angle.sin().float()), position
-        exact = torch.tensor([math.cos(position * f) for f in inv])
-        assert torch.allclose(exact_cos[position], exact, atol=2e-4), position  # fp32 angles
-    assert torch.equal(cos[257], cos[256]) and not torch.equal(exact_cos[257], exact_cos[256])
+    assert torch.equal(cos[257], cos[256])
+    default, _ = rope_tables_for(2048, "reference_cuda")
+    assert (cos[1001:] - default[1001:]).abs().max().item() > 0.5  # whole radians of phase error
 
 
-def rope_tables_for(seq_len: int, bf16: bool):
+def test_rope_tables_float32_are_exact():
+    cos, _ = rope_tables_for(2048, "float32")
+    for position in (5, 257, 2047):
+        exact = torch.tensor([math.cos(position * f) for f in INV_FREQ_16])
+        assert torch.allclose(cos[position], exact, atol=2e-4), position
+
+
+def rope_tables_for(seq_len: int, precision: str):
     from parlm.model import rope_tables
-    return rope_tables(seq_len, 16, 10000.0, 2048, bf16_positions=bf16)
+    return rope_tables(seq_len, 16, 10000.0, 2048, precision)
+
+
+def reference_style_table(inv_freq_bf16: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The reference's table code path: a bf16 inv_freq buffer, a ramp in its dtype, outer, cos,
+    cached in bf16."""
+    t = torch.arange(seq_len, dtype=inv_freq_bf16.dtype, device=inv_freq_bf16.device)
+    return torch.outer(t, inv_freq_bf16).cos().to(torch.bfloat16)
+
+
+def test_reference_code_path_run_eagerly_gives_the_eager_variant():
+    inv = torch.tensor(INV_FREQ_16).bfloat16()
+    eager_cos, _ = rope_tables_for(2048, "reference_eager")
+    assert torch.equal(reference_style_table(inv, 2048).float(), eager_cos)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Inductor's GPU code generation)")
+def test_reference_code_path_compiled_on_cuda_gives_the_default():
+    inv = torch.tensor(INV_FREQ_16, device="cuda").bfloat16()
+    compiled = torch.compile(reference_style_table, fullgraph=True, dynamic=False)(inv, 2048)
+    default_cos, _ = rope_tables_for(2048, "reference_cuda")
+    assert torch.equal(compiled.float().cpu(), default_cos)
 
 
 def test_apply_rotary_matches_hand_rotation():
@@ -307,7 +356,7 @@ def test_long_sequences_use_the_ntk_rescale(tiny_config):
     from parlm.model import rope_tables
     model = GPT(small_config(tiny_config))  # train_seq_len 32
     cos, _ = model.rotary(64, torch.device("cpu"))
-    expected, _ = rope_tables(64, 8, 10000.0 * (64 / 32) ** (8 / 6), 10 ** 9, bf16_positions=False)
+    expected, _ = rope_tables(64, 8, 10000.0 * (64 / 32) ** (8 / 6), 10 ** 9, "float32")
     assert torch.allclose(cos[:, 0, :], expected)
     assert model.forward_logits(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 1024)
 
@@ -353,3 +402,15 @@ def test_model_compiles_without_graph_breaks(tiny_config):
     logits = torch.compile(model.forward_logits, backend="eager", fullgraph=True, dynamic=False)(ids)
     assert torch.equal(logits, model.forward_logits(ids))
     torch._dynamo.reset()
+
+
+def test_configs_saved_before_rope_precision_keep_their_tables(tmp_path):
+    """A run saved with the retired `rope_bf16_positions` flag loads with the tables it was
+    trained with; an unknown precision is a clear error."""
+    from parlm.config import ConfigError
+    for flag, precision in ((True, "reference_eager"), (False, "float32")):
+        path = tmp_path / f"{flag}.yaml"
+        path.write_text(f"rope_bf16_positions: {str(flag).lower()}\n")
+        assert Config.load(path).rope_precision == precision
+    with pytest.raises(ConfigError, match="rope_precision"):
+        Config(rope_precision="bf16").validate()
