@@ -266,13 +266,34 @@ def load_reference(name: str = "pr1858") -> dict[str, Any]:
     return runlog.read_json(path)
 
 
-def load_baseline(baseline: str | Path) -> tuple[str, list[dict[str, Any]]]:
-    """(label, per-seed summaries) of a baseline: a reference name (`pr1858`) or a run folder."""
+def load_baseline(baseline: str | Path) -> tuple[str, list[dict[str, Any]], set[str]]:
+    """(label, per-seed summaries, datasets) of a baseline: a reference name (`pr1858`) or a
+    run folder. `datasets` holds the dataset names it was measured on (empty when unknown)."""
     text = str(baseline)
     if (REFERENCE_DIR / f"{text}.json").exists() and not Path(text).is_dir():
         reference = load_reference(text)
-        return reference.get("name", text), list(reference["seeds"].values())
-    return f"run {Path(text).name}", load_run_summaries(text)
+        datasets = {reference["dataset"]} if reference.get("dataset") else set()
+        return reference.get("name", text), list(reference["seeds"].values()), datasets
+    return f"run {Path(text).name}", load_run_summaries(text), run_datasets(text)
+
+
+def run_datasets(run_root: str | Path) -> set[str]:
+    """The dataset names (`Config.resolved_dataset_name`) in the seeds' config.yaml files."""
+    from .config import Config
+
+    return {Config.load(directory / "config.yaml").resolved_dataset_name
+            for directory in seed_dirs(run_root) if (directory / "config.yaml").exists()}
+
+
+def comparability(ours: set[str], theirs: set[str]) -> tuple[bool | None, str | None]:
+    """(comparable, note): BPBs on different datasets measure different tasks, so a t-test
+    between them says nothing about either method. None when a side's dataset is unknown."""
+    if not ours or not theirs:
+        return None, "dataset of one side unknown; check that both ran on the same data"
+    if ours == theirs:
+        return True, None
+    return False, (f"NOT comparable: the baseline was measured on {', '.join(sorted(theirs))}, this "
+                   f"run on {', '.join(sorted(ours))}; the t-test below only shows the mechanics")
 
 
 def column_statistics(summaries: Sequence[dict[str, Any]],
@@ -368,11 +389,15 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
     base: list[dict[str, Any]] = []
     label = "baseline"
     if baseline is not None:
-        label, base = load_baseline(baseline)
+        label, base, base_datasets = load_baseline(baseline)
         ours = [s["ttt_bpb"] for s in summaries if s.get("ttt_bpb") is not None]
         theirs = [s["ttt_bpb"] for s in base if s.get("ttt_bpb") is not None]
+        our_datasets = run_datasets(run_root)
+        comparable, note = comparability(our_datasets, base_datasets)
         entry: dict[str, Any] = {"label": label, "source": str(baseline),
-                                 "seeds": [s.get("seed") for s in base]}
+                                 "seeds": [s.get("seed") for s in base],
+                                 "datasets": sorted(our_datasets), "baseline_datasets": sorted(base_datasets),
+                                 "comparable": comparable, "comparability_note": note}
         try:
             entry["welch_ttt_bpb"] = welch_t_test(ours, theirs).to_dict()
         except ValueError as exc:
@@ -403,6 +428,8 @@ def format_report(report: dict[str, Any], table: bool = True) -> str:
         lines.append(f"worst-case bytes_total {worst:,} {verdict} the {ARTIFACT_CAP_BYTES:,}-byte cap")
     baseline = report.get("baseline")
     if baseline:
+        if baseline.get("comparability_note"):
+            lines.append(f"TTT BPB vs {baseline['label']}: {baseline['comparability_note']}")
         welch = baseline.get("welch_ttt_bpb")
         if welch:
             lines.append(

@@ -90,6 +90,8 @@ def test_build_report_against_published_baseline(tmp_path):
     # Against 1.08061893 / 1.08103354 / 1.08135172 (the published seeds).
     assert welch["mean_b"] == pytest.approx((1.08061893 + 1.08103354 + 1.08135172) / 3)
     assert welch["difference"] > 0.4 and welch["p_greater"] < 0.01
+    # Config() resolves to the reference's own dataset name, so this fixture is comparable.
+    assert result["baseline"]["comparable"] is True and result["baseline"]["comparability_note"] is None
     saved = json.loads((out / "report.json").read_text())
     assert saved["worst_bytes_total"] == 1_220_000
     table = (out / "table.md").read_text()
@@ -116,6 +118,21 @@ def test_report_against_another_run_and_cli(tmp_path, capsys):
     # mean 1.41 vs 1.50; var 0.0002 and 0.0009 -> se^2 = 0.0001 + 0.0003.
     assert welch["t"] == pytest.approx(-0.09 / math.sqrt(0.0004))
     assert (ours / "seed_1" / "summary.json").exists()
+
+
+def test_baseline_on_another_dataset_is_flagged_not_comparable(tmp_path, capsys):
+    run_root = tmp_path / "proxy"
+    for seed in (42, 314):
+        run_dir = write_seed(run_root, seed, 1.69, 1_000_000)
+        Config().replace(seed=seed, dataset_name="wiki2015_sp8192").save(run_dir / "config.yaml")
+    code = report.main(["--run-root", str(run_root), "--out", str(tmp_path / "r"), "--no-plots",
+                        "--no-submission"])
+    assert code == 0
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())["baseline"]
+    assert saved["comparable"] is False
+    assert saved["datasets"] == ["wiki2015_sp8192"] and saved["baseline_datasets"] == ["fineweb10B_sp8192"]
+    assert saved["welch_ttt_bpb"] is not None  # still computed, shown as mechanics only
+    assert "NOT comparable" in capsys.readouterr().out
 
 
 def test_report_without_finished_seeds_is_a_clear_error(tmp_path, capsys):
