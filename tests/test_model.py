@@ -162,9 +162,13 @@ def test_reference_code_path_run_eagerly_gives_the_eager_variant():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Inductor's GPU code generation)")
 def test_reference_code_path_compiled_on_cuda_gives_the_default():
     inv = torch.tensor(INV_FREQ_16, device="cuda").bfloat16()
-    compiled = torch.compile(reference_style_table, fullgraph=True, dynamic=False)(inv, 2048)
+    compiled = torch.compile(reference_style_table, fullgraph=True, dynamic=False)(inv, 2048).float().cpu()
     default_cos, _ = rope_tables_for(2048, "reference_cuda")
-    assert torch.equal(compiled.float().cpu(), default_cos)
+    eager_cos, _ = rope_tables_for(2048, "reference_eager")
+    # CUDA's and the CPU's fp32 cos may round a tie differently: allow one bf16 step, rarely.
+    assert (compiled - default_cos).abs().max().item() <= 2 ** -8
+    assert (compiled == default_cos).float().mean().item() > 0.999
+    assert (compiled - eager_cos).abs().max().item() > 0.5
 
 
 def test_apply_rotary_matches_hand_rotation():
