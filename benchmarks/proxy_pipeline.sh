@@ -8,16 +8,9 @@
 set -u
 OUT=${OUT:-runs/proxy_pipeline_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/brotli-*.whl && export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 RUN=runs/proxy-anchor/seed_42
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
-stamp "build proxy dataset"
-/usr/bin/time -f "data build wall %e s" python3 -m parlm.data build --docs .carry/docs_selected.jsonl.xz \
-  --tokenizer .carry/fineweb_8192_bpe.model --num-val-docs 250 --out data --name wiki2015_sp8192 \
-  --workers 16 --quiet 2>&1 | tail -3
+build_proxy_dataset
 cp data/datasets/wiki2015_sp8192/manifest.json "$OUT/" 2>/dev/null
 SETS="--set seed=42 --set max_wallclock_seconds=150 --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0 --set train_log_every=25 $*"
 stamp "train"

@@ -18,17 +18,8 @@ RUN_ID=$1; SEEDS=$2; shift 2
 PRESET=${PRESET:-proxy}
 OUT=${OUT:-runs/${RUN_ID}_out}
 mkdir -p "$OUT" && OUT=$(realpath "$OUT")
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-if [ -d .whl ] && ! python3 -c 'import papermill, brotli' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
-if [ "$PRESET" = proxy ] && [ ! -f data/datasets/wiki2015_sp8192/manifest.json ]; then
-  stamp "build proxy dataset"
-  python3 -m parlm.data build --docs .carry/docs_selected.jsonl.xz --tokenizer .carry/fineweb_8192_bpe.model \
-    --num-val-docs 250 --out data --name wiki2015_sp8192 --workers 16 --quiet 2>&1 | tail -2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+[ "$PRESET" = proxy ] && build_proxy_dataset
 GPUS=$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 # Each seed's processes get an equal share of the CPU cores (CPU thread pools of concurrent
 # seeds would otherwise each size themselves to the whole machine).

@@ -1,0 +1,19 @@
+# Shared set-up of the GPU benchmark scripts, sourced from the repository root (device tool:
+# carry .carry, the corpus .xz and the 8192 tokenizer, and .whl, wheels the GPU image lacks).
+# Exports the run environment, installs the carried wheels once into /tmp/site, and defines
+# `stamp` (a timestamped echo) and `build_proxy_dataset` (wiki2015_sp8192, skipped when built).
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if [ -d .whl ] && ! python3 -c 'import papermill, brotli' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+
+build_proxy_dataset() {
+  if [ -f data/datasets/wiki2015_sp8192/manifest.json ]; then return 0; fi
+  stamp "build proxy dataset"
+  /usr/bin/time -f "data build wall %e s" python3 -m parlm.data build --docs .carry/docs_selected.jsonl.xz \
+    --tokenizer .carry/fineweb_8192_bpe.model --num-val-docs 250 --out data --name wiki2015_sp8192 \
+    --workers 16 --quiet 2>&1 | tail -3
+}
