@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
@@ -100,12 +99,13 @@ def test_initialisation_statistics(tiny_config):
 
 # ----------------------------------------------------------------------------------------
 # Building blocks against hand computations
-INV_FREQ_16 = [10000.0 ** (-2 * i / 16) for i in range(8)]
-INV_FREQ_16_BF16 = [float(torch.tensor(f).bfloat16()) for f in INV_FREQ_16]
-
-
 def bf16(value: float) -> float:
+    """`value` rounded to the nearest bf16 (via fp32)."""
     return float(torch.tensor(value, dtype=torch.float32).bfloat16())
+
+
+INV_FREQ_16 = [10000.0 ** (-2 * i / 16) for i in range(8)]
+INV_FREQ_16_BF16 = [bf16(f) for f in INV_FREQ_16]
 
 
 def test_rope_tables_default_is_the_reference_cuda_arithmetic():
