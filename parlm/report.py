@@ -368,7 +368,8 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
     """Write the multi-seed report of `run_root` into `out_dir` (default `<run_root>/report`).
 
     Files: `report.json` (per-seed summaries, column statistics, worst-case bytes_total and the
-    cap check, Welch test of ttt_bpb against the baseline), `table.md`, `plots/*.png`, and
+    cap check, Welch test of ttt_bpb against the baseline with a `comparable` flag: False when
+    the baseline ran on another dataset), `table.md`, `plots/*.png`, and
     `submission/` (from parlm.submission). Returns the report dict."""
     run_root = Path(run_root)
     out_dir = Path(out_dir) if out_dir is not None else run_root / "report"
