@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,21 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup() -> None:
-    """Destroy the process group if one exists."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(barrier: bool | None = None) -> None:
+    """Destroy the process group if one exists, after a barrier when `barrier` (default: when
+    no exception is propagating, i.e. on the normal path of a `finally`).
+
+    The barrier keeps a rank that finished first from closing its gloo connections while a
+    peer still works (gloo then aborts the peer: "terminate called without an active
+    exception"). On an error path it is skipped: the failed rank must not wait for peers that
+    may be stuck in a collective it will never join."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier is None:
+        barrier = sys.exc_info()[0] is None
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def is_initialized() -> bool:

@@ -463,16 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="run folder (created if missing)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    failed = False
     try:
         config = config_from_arguments(args, args.run_dir)
         train_run(config, args.run_dir)
     except (ConfigError, FileNotFoundError, FileExistsError, InsufficientMemoryError,
             TrainingDiverged) as error:
+        failed = True
         prefix = f"[rank {dist.get_rank()}] " if dist.get_world_size() > 1 else ""
         print(f"{prefix}parlm.train: error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        dist.cleanup()
+        dist.cleanup(barrier=False if failed else None)
     return 0
 
 

@@ -75,3 +75,26 @@ def test_two_gloo_processes_match_one(tmp_path):
     np.testing.assert_allclose(double["chunks"], single["chunks"], rtol=1e-5)
     np.testing.assert_allclose(double["nll"], single["nll"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(double["nll_mix"], single["nll_mix"], rtol=1e-4, atol=1e-4)
+
+
+def test_cleanup_waits_for_peers_only_on_the_normal_path(monkeypatch):
+    """A rank that finished waits at a barrier before tearing its connections down; a rank
+    leaving on an exception does not (its peers may be stuck where it will never arrive)."""
+    import parlm.dist as parlm_dist
+
+    calls = []
+    monkeypatch.setattr(parlm_dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parlm_dist.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(parlm_dist.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    parlm_dist.cleanup()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        try:
+            raise RuntimeError("rank failed")
+        finally:
+            parlm_dist.cleanup()
+    assert calls == ["destroy"]
+    calls.clear()
+    parlm_dist.cleanup(barrier=False)
+    assert calls == ["destroy"]
