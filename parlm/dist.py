@@ -174,8 +174,6 @@ def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True)
     streaming its output line by line; raise RuntimeError with the output tail on failure.
 
     NVLink multicast stays off (NCCL_NVLS_ENABLE=0) unless the caller's environment sets it."""
-    import sys
-
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

@@ -30,26 +30,27 @@ TABLE_COLUMNS = ("seed", "steps", "train_seconds", "prequant_bpb", "quantized_bp
                  "ttt_bpb", "mix_bpb_legacy", "bytes_model", "bytes_code", "bytes_total")
 BPB_STAGES = ("prequant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb")
 
-# (stage result file, the pipeline stage that writes it, {summary key: file key}, required keys)
+# (pipeline stage, {summary key: key in its result file runlog.STAGE_RESULT_FILES[stage]},
+#  required keys)
 _SOURCES = (
-    ("train.json", "train",
+    ("train",
      {"steps": "steps", "train_seconds": "train_seconds", "prequant_bpb": "prequant_bpb",
       "prequant_seconds": "prequant_seconds", "live_val_bpb": "live_val_bpb",
       "peak_memory_mib": "peak_memory_mib", "world_size": "world_size", "device": "device",
       "attention_backend": "attention_backend", "looping_step": "looping_step"},
      ("steps", "train_seconds", "prequant_bpb")),
-    ("quant.json", "quant",
+    ("quant",
      {"bytes_model": "bytes_model", "bytes_code": "bytes_code", "bytes_total": "bytes_total",
       "fits_cap": "fits_cap", "cap": "cap", "hessian_seconds": "hessian_seconds",
       "gptq_seconds": "gptq_seconds", "compress_seconds": "compress_seconds"},
      ("bytes_model", "bytes_code", "bytes_total")),
-    ("eval.json", "eval",
+    ("eval",
      {"quantized_bpb": "quantized_bpb", "sliding_bpb": "sliding_bpb", "ttt_bpb": "ttt_bpb",
       "quantized_seconds": "quantized_seconds", "sliding_seconds": "sliding_seconds",
       "ttt_seconds": "ttt_seconds", "compile_seconds": "compile_seconds",
       "mix_valid_bpb": "mix_valid_bpb"},
      ("quantized_bpb", "ttt_bpb")),
-    ("ppm.json", "ppm",
+    ("ppm",
      {"mix_bpb_legacy": "mix_bpb", "ppm_only_bpb": "ppm_only_bpb", "nn_only_bpb": "nn_only_bpb",
       "gate_skip": "gate_skip", "ppm_bytes": "bytes", "ppm_seconds": "seconds",
       "ppm_subset_tokens": "subset_tokens"},
@@ -209,8 +210,8 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     A missing file raises MissingStageError naming the stage and the command that makes it."""
     run_dir = Path(run_dir)
     summary: dict[str, Any] = {"seed": _seed_of(run_dir)}
-    for file_name, stage, mapping, required in _SOURCES:
-        path = run_dir / file_name
+    for stage, mapping, required in _SOURCES:
+        path = run_dir / runlog.STAGE_RESULT_FILES[stage]
         if not path.exists():
             raise MissingStageError(
                 f"{path} is missing: the '{stage}' stage has not finished for this seed; run "

@@ -185,16 +185,11 @@ def prepare_seed(plan: RunPlan, seed: int) -> Config:
     return prepare_run(config, plan.seed_dir(seed))
 
 
-# The result file each stage writes last (DESIGN.md run-folder contract).
-STAGE_RESULT_FILES = {"train": "train.json", "quant": "quant.json", "eval": "eval.json",
-                      "ppm": "ppm.json"}
-
-
 def _adopt_stage(run_dir: Path, stage: str, started_at: float, notebook: Path) -> None:
     """A notebook that ran its stage function directly (not through parlm.pipeline) leaves no
     marker. It finished without error, so when the stage's result file was written during this
     execution the stage is complete: mark it. Otherwise the notebook did not run its stage."""
-    result = STAGE_RESULT_FILES.get(stage)
+    result = runlog.STAGE_RESULT_FILES.get(stage)
     path = run_dir / result if result else None
     if path is not None and path.exists() and path.stat().st_mtime >= started_at - 1.0:
         runlog.mark_stage_done(run_dir, stage)

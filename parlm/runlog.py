@@ -20,6 +20,10 @@ from typing import Any
 
 from . import dist
 
+# The result file each pipeline stage writes last (DESIGN.md run-folder contract).
+STAGE_RESULT_FILES = {"train": "train.json", "quant": "quant.json", "eval": "eval.json",
+                      "ppm": "ppm.json"}
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary sibling and an atomic rename."""

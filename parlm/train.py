@@ -403,7 +403,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
             _save_state_dict(base_model.state_dict(), run_dir / CHECKPOINT_NAME)
             runlog.write_json(run_dir / "train.json", summary)
         message = (f"training diverged: non-finite loss/gradient/weights at step {bad_step}; the EMA "
-                   f"of the steps before it was saved as {run_dir / 'final_model.pt'} "
+                   f"of the steps before it was saved as {run_dir / CHECKPOINT_NAME} "
                    f"(train.json diverged=true). Lower the learning "
                    f"rates (matrix_lr, scalar_lr, tied_embed_lr) or grad_clip_norm and retrain.")
         log(message)

@@ -77,12 +77,12 @@ def model_logprobs(config, run_dir, positions: np.ndarray, device="cpu") -> np.n
 def _void_from_checkpoint(run_dir: Path) -> tuple[float | None, str]:
     checkpoint = run_dir / CHECKPOINT_NAME
     if not checkpoint.exists():
-        return None, "unavailable (no final_model.pt)"
+        return None, f"unavailable (no {CHECKPOINT_NAME})"
     import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return void_fraction(state), ("final_model.pt: EMA weights before quantization and TTT (the "
-                                  "reference used the TTT-adapted weights); logged only")
+    return void_fraction(state), (f"{CHECKPOINT_NAME}: EMA weights before quantization and TTT "
+                                  "(the reference used the TTT-adapted weights); logged only")
 
 
 def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
