@@ -1,7 +1,8 @@
 # Shared set-up of the GPU benchmark scripts, sourced from the repository root (device tool:
 # carry .carry, the corpus .xz and the 8192 tokenizer, and .whl, wheels the GPU image lacks).
 # Exports the run environment, installs the carried wheels once into /tmp/site, and defines
-# `stamp` (a timestamped echo) and `build_proxy_dataset` (wiki2015_sp8192, skipped when built).
+# `stamp` (a timestamped echo), `drop_progress` (an output filter) and `build_proxy_dataset`
+# (wiki2015_sp8192, skipped when built).
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 if [ -d .whl ] && ! python3 -c 'import papermill, brotli' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -9,6 +10,9 @@ fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+# A filter for console output kept in a device call's short tail: drops warnings and the
+# carriage-return-joined tqdm progress updates (lines like '384/16321 [00:00<00:11, ...').
+drop_progress() { tr '\r' '\n' | grep -v -i -E 'warn|\[[0-9:]+<[0-9:?]+'; }
 
 build_proxy_dataset() {
   if [ -f data/datasets/wiki2015_sp8192/manifest.json ]; then return 0; fi

@@ -14,10 +14,10 @@ build_proxy_dataset
 cp data/datasets/wiki2015_sp8192/manifest.json "$OUT/" 2>/dev/null
 SETS="--set seed=42 --set max_wallclock_seconds=150 --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0 --set train_log_every=25 $*"
 stamp "train"
-python3 -m parlm.train --run-dir $RUN --preset proxy $SETS 2>&1 | grep -v -i warn | tail -22
+python3 -m parlm.train --run-dir $RUN --preset proxy $SETS 2>&1 | drop_progress | tail -22
 cp $RUN/train.json $RUN/train.log "$OUT/" 2>/dev/null
 stamp "quant"
-python3 -m parlm.quant --run-dir $RUN 2>&1 | tail -12
+python3 -m parlm.quant --run-dir $RUN 2>&1 | drop_progress | tail -12
 python3 - "$RUN" "$OUT" <<'PY'
 import json, sys
 q = json.load(open(f"{sys.argv[1]}/quant.json"))
@@ -25,7 +25,7 @@ q.pop("per_tensor", None)
 json.dump(q, open(f"{sys.argv[2]}/quant.json", "w"), indent=1)
 PY
 stamp "eval"
-python3 -m parlm.eval --run-dir $RUN 2>&1 | grep -v -i warn | tail -14
+python3 -m parlm.eval --run-dir $RUN 2>&1 | drop_progress | tail -14
 cp $RUN/eval.json "$OUT/" 2>/dev/null
 python3 - "$RUN" "$OUT" <<'PY'
 import numpy as np, sys

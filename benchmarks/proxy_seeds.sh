@@ -4,7 +4,8 @@
 # for the device tool: carry .carry (the corpus .xz and the 8192 tokenizer) and .whl (brotli,
 # papermill and its dependencies); from the repository root:
 #     bash benchmarks/proxy_seeds.sh RUN_ID "42 314" [--set key=value ...]
-# Each seed runs under its own Inductor cache folder, so its compile times are cold ones. The
+# Each seed runs under its own Inductor cache folder, so its compile times are cold ones
+# (INDUCTOR_CACHE=shared: one folder for all seeds, so later seeds of a GPU reuse the graphs). The
 # whole script keeps within CALL_SECONDS (default 590, the device tool's 10-minute call less a
 # margin): a seed is stopped when only 60 s remain (or SEED_TIMEOUT seconds after it starts, if
 # that comes first), the report step (which first resumes any stopped notebook) gets what then
@@ -36,7 +37,8 @@ for ((gpu = 0; gpu < GPUS; gpu++)); do
       if [ -n "${SEED_TIMEOUT:-}" ] && [ "$SEED_TIMEOUT" -lt "$limit" ]; then limit=$SEED_TIMEOUT; fi
       if [ "$limit" -le 0 ]; then stamp "seed $seed skipped: no time left"; continue; fi
       stamp "seed $seed on GPU $gpu (stopped after ${limit}s)"
-      CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_${RUN_ID}_$seed \
+      cache=/tmp/inductor_${RUN_ID}; [ "${INDUCTOR_CACHE:-per-seed}" = shared ] || cache+=_$seed
+      CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=$cache \
         timeout -s INT -k 20 "$limit" \
         python3 -m parlm.run --preset "$PRESET" --seeds "$seed" --run-id "$RUN_ID" --no-report "$@" \
         > "$OUT/seed_$seed.log" 2>&1

@@ -2,7 +2,8 @@
 # Train the PR #1858 reference script itself on the wiki2015_sp8192 proxy with the ANCHORS.md
 # settings and a training-loss line every step, for a per-step comparison with parlm:
 #     bash benchmarks/reference_run.sh OUT_DIR [SEED=42] [BUDGET_SECONDS=150]
-#     python benchmarks/compare_curves.py OUT_DIR/reference_seed42.log runs/<id>/seed_42/metrics.jsonl
+#     bash benchmarks/equal_steps.sh "42 314"   # parlm at the same step count and data order
+#     python benchmarks/compare_curves.py OUT_DIR/reference_seed42.log runs/equal_steps/seed_42/train.log
 # The script is not part of parlm. It is downloaded from openai/parameter-golf at the PR's final
 # commit into .reference/ (ignored; its SHA-256 is checked), or read from REF_SCRIPT=path on a
 # machine without internet (carry it there). FlashAttention-3 is replaced by

@@ -44,23 +44,43 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
 
 
 def training_curves(run_dirs: Sequence[str | Path]) -> Figure:
-    """Training loss and validation BPB against step, seeds overlaid, from each seed's
-    metrics.jsonl (records of stage 'train' and 'val')."""
+    """Training loss and validation BPB against step, seeds overlaid (one colour per seed), from
+    each seed's metrics.jsonl via `train_plots.training_curves`: the live model's validations
+    joined by a line, the EMA (pre-quant) score as a star, and a dotted line where depth
+    recurrence switched on. With `val_loss_every=0` each seed has only its scores at the stop,
+    so each point is labelled with its value."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .train_plots import training_curves as run_curves
+
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, val_ax = fig.subplots(1, 2)
-    for run_dir in run_dirs:
+    for index, run_dir in enumerate(run_dirs):
+        color = f"C{index % 10}"
         label = Path(run_dir).name.replace("_", " ")
-        train = runlog.read_metrics(run_dir, "train")
-        if train:
-            loss_ax.plot([r["step"] for r in train], [r.get("train_loss") for r in train],
-                         label=label, linewidth=1)
-        val = runlog.read_metrics(run_dir, "val")
-        if val:
-            val_ax.plot([r["step"] for r in val], [r.get("val_bpb") for r in val], marker="o",
-                        label=label)
+        curves = run_curves(run_dir)
+        train, val, prequant = curves["train"], curves["val"], curves["prequant"]
+        if train["step"]:
+            loss_ax.plot(train["step"], train["train_loss"], color=color, label=label, linewidth=1)
+        if val["step"]:
+            val_ax.plot(val["step"], val["val_bpb"], marker="o", color=color, label=f"{label} live")
+        if prequant["step"]:
+            val_ax.plot(prequant["step"], prequant["val_bpb"], marker="*", markersize=11,
+                        linestyle="none", color=color, label=f"{label} EMA (pre-quant)")
+        if len(val["step"]) <= 1:
+            for step, bpb in zip(val["step"] + prequant["step"], val["val_bpb"] + prequant["val_bpb"]):
+                val_ax.annotate(f"{bpb:.4f}", (step, bpb), textcoords="offset points", xytext=(6, 0),
+                                va="center", fontsize=8, color=color)
+            val_ax.margins(x=0.2)
+        if curves["looping_step"] is not None:
+            loss_ax.axvline(curves["looping_step"], color=color, linestyle=":", linewidth=1)
+    if loss_ax.get_lines():
+        loss_ax.annotate("dotted: looping on", (0.99, 0.97), xycoords="axes fraction", ha="right",
+                         va="top", fontsize=8, color="gray")
     loss_ax.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
-    val_ax.set(xlabel="step", ylabel="val BPB (live model)", title="Validation during training")
+    val_ax.set(xlabel="step", ylabel="val BPB", title="Validation during training and at the stop")
     for ax in (loss_ax, val_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -149,3 +149,26 @@ def test_reference_pr1858_matches_published_submission():
         assert seed["bytes_model"] + seed["bytes_code"] == seed["bytes_total"]
     mean = sum(s["ttt_bpb"] for s in seeds.values()) / 3
     assert round(mean, 5) == reference["published"]["val_bpb"]
+
+
+def test_training_curves_mark_each_seeds_looping_switch_and_its_scores(tmp_path):
+    """The report's training figure: one dotted line per seed at train.json's looping_step, the
+    live validation and EMA (pre-quant) points at the steps logged, each labelled with its value
+    when a seed was validated only at the stop."""
+    from parlm import plots
+
+    run_dirs = []
+    for seed, looping_step in ((42, 35), (314, 45)):
+        run_dir = write_seed(tmp_path, seed, 1.5, 15_000_000)
+        train = json.loads((run_dir / "train.json").read_text())
+        (run_dir / "train.json").write_text(json.dumps({**train, "looping_step": looping_step}))
+        with (run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps({"stage": "prequant", "step": 100, "val_bpb": 1.52}) + "\n")
+        run_dirs.append(run_dir)
+    figure = plots.training_curves(run_dirs)
+    loss_ax, val_ax = figure.axes
+    vertical = sorted(line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == ":")
+    assert vertical == [35, 45]
+    labels = val_ax.get_legend_handles_labels()[1]
+    assert labels == ["seed 42 live", "seed 42 EMA (pre-quant)", "seed 314 live", "seed 314 EMA (pre-quant)"]
+    assert sorted(text.get_text() for text in val_ax.texts) == ["1.5100", "1.5100", "1.5200", "1.5200"]
