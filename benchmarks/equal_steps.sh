@@ -6,11 +6,12 @@
 #         --noise runs/equal_steps/seed_42/train.log
 # The ANCHORS settings (EMA 0.97, warmup 5, no periodic validation, a loss line per step) with
 # `data_order=rank`: the reference seeds its data sampler by rank only, so its seeds all see one
-# data order; parlm's default order also depends on the seed, and on the proxy that alone moves
-# the live BPB by about 0.01. parlm is faster per step than the reference, so the budget is cut to
-# give the reference's step count on the same GPU (130 s gives 122-123 steps on one H100, the
-# reference 120 in its 150 s). Written for the device tool: carry .carry and .whl. Each seed's
-# train.log, train.json and metrics.jsonl are copied to $OUT (default runs/equal_steps_out).
+# data order; parlm's default order also depends on the seed, which changes the per-step losses
+# about as much as another seed does (add --set data_order=seed_and_rank for parlm's order). parlm
+# is faster per step than the reference, so the budget is cut to give the reference's step count
+# on the same GPU (130 s gives 122-123 steps on one H100, the reference 120 in its 150 s).
+# Written for the device tool: carry .carry and .whl. Each seed's train.log, train.json and
+# metrics.jsonl are copied to $OUT (default runs/equal_steps_out).
 # NPROC=N trains with N processes (torchrun, one GPU each). The global batch stays the same, so
 # for the same step count halve the training time, not the 12 s GPTQ reserve: 71 s on 2 GPUs.
 set -u

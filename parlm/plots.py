@@ -11,7 +11,6 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from . import runlog
 
 STAGE_LABELS = {"prequant_bpb": "pre-quant\n(EMA)", "quantized_bpb": "quantized",
                 "sliding_bpb": "sliding\nwindow", "ttt_bpb": "score-first\nTTT"}

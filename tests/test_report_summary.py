@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from parlm import report
+from parlm import plots, report
 from parlm.config import Config
 
 
@@ -155,8 +155,6 @@ def test_training_curves_mark_each_seeds_looping_switch_and_its_scores(tmp_path)
     """The report's training figure: one dotted line per seed at train.json's looping_step, the
     live validation and EMA (pre-quant) points at the steps logged, each labelled with its value
     when a seed was validated only at the stop."""
-    from parlm import plots
-
     run_dirs = []
     for seed, looping_step in ((42, 35), (314, 45)):
         run_dir = write_seed(tmp_path, seed, 1.5, 15_000_000)
