@@ -8,8 +8,8 @@ call `ensure(config, run_dir, "<the stage before theirs>")` so each one also run
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-
 
 from . import runlog
 from .config import Config, ConfigError
@@ -19,22 +19,45 @@ STAGES = ("data", "train", "quant", "eval", "ppm", "summary")
 DISTRIBUTED_STAGES = ("train", "eval")
 
 
+def resumable_change(run_dir: str | os.PathLike, key: str, value) -> bool:
+    """Whether a resumed run may change setting `key` to `value`. Only the size cap may change:
+    it is the quant stage's pass/fail threshold (the report checks the contest's 16,000,000 bytes
+    whatever it is), so a run stopped over the cap can go on without training again. Allowed while
+    quant is not done, or when the finished quant's bytes_total fits the new cap too (its verdict
+    stands)."""
+    if key != "artifact_cap_bytes":
+        return False
+    if not runlog.stage_done(run_dir, "quant"):
+        return True
+    quant_path = Path(run_dir) / "quant.json"
+    bytes_total = runlog.read_json(quant_path).get("bytes_total") if quant_path.exists() else None
+    return bytes_total is not None and bytes_total <= value
+
+
 def prepare_run(config: Config, run_dir: str | os.PathLike) -> Config:
     """Create `run_dir` and write its resolved `config.yaml`.
 
     An existing run folder keeps its config: resuming with different values would mix two
-    experiments, so that raises ConfigError naming the differing keys."""
+    experiments, so that raises ConfigError naming the differing keys. The exception are changes
+    `resumable_change` allows: they are written to config.yaml and printed to stderr."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if path.exists():
         existing = Config.load(path)
         diff = {k: (v, getattr(config, k)) for k, v in existing.to_dict().items()
                 if getattr(config, k) != v}
-        if diff:
-            lines = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (asked)" for k, (a, b) in diff.items())
+        allowed = {k: pair for k, pair in diff.items() if resumable_change(run_dir, k, pair[1])}
+        refused = {k: pair for k, pair in diff.items() if k not in allowed}
+        if refused:
+            lines = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (asked)" for k, (a, b) in refused.items())
             raise ConfigError(
                 f"{path} already holds a different config ({lines}); use a new run id or "
                 f"delete the folder to start over")
+        if allowed:
+            existing = existing.replace(**{k: new for k, (_, new) in allowed.items()})
+            existing.save(path)
+            for k, (old, new) in allowed.items():
+                print(f"{path}: {k} {old!r} -> {new!r}", file=sys.stderr, flush=True)
         return existing
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(path)

@@ -35,7 +35,10 @@ class ArtifactTooLarge(RuntimeError):
         self.bytes_total = bytes_model + bytes_code
         super().__init__(
             f"artifact too large: {bytes_model:,} model bytes + {bytes_code:,} code bytes = "
-            f"{self.bytes_total:,} > cap {cap:,} by {self.bytes_total - cap:,} bytes; kept as {path}")
+            f"{self.bytes_total:,} > cap {cap:,} by {self.bytes_total - cap:,} bytes; kept as {path}. "
+            f"To go on with this model anyway, rerun with --set artifact_cap_bytes=<bytes> (the same "
+            f"run id of parlm.run resumes without training again; the report still checks the "
+            f"16,000,000-byte limit)")
 
 
 def _synchronize(device: torch.device) -> None:

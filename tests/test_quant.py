@@ -314,6 +314,7 @@ def test_over_cap_fails_and_renames(tiny_dataset_config, tmp_path):
     assert error.bytes_total == error.bytes_model + 1234 > 5000
     message = str(error)
     assert f"{error.bytes_model:,}" in message and f"{error.bytes_total - 5000:,}" in message
+    assert "--set artifact_cap_bytes=" in message  # says how to go on
     assert not (run_dir / "final_model.int6.ptz").exists()
     assert (run_dir / "final_model.int6.OVER_CAP.ptz").stat().st_size == error.bytes_model
     quant = read_json(run_dir / "quant.json")

@@ -50,6 +50,30 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
         run.prepare_seed(plan, 1)
 
 
+def test_resume_may_change_the_size_cap_while_the_quant_verdict_stands(tmp_path, capsys):
+    """A run stopped over the cap goes on with a raised cap (config.yaml records it, the change is
+    printed); after quant is done the cap may only move where that quant's bytes_total still fits."""
+    plan = run.RunPlan(preset="demo", seeds=[1], run_id="r", runs_dir=tmp_path)
+    run.prepare_seed(plan, 1)
+    run_dir = tmp_path / "r" / "seed_1"
+    runlog.mark_stage_done(run_dir, "train")
+    plan.overrides = ["artifact_cap_bytes=17000000"]
+    resumed = run.prepare_seed(plan, 1)
+    assert resumed.artifact_cap_bytes == 17_000_000
+    assert Config.load(run_dir / "config.yaml").artifact_cap_bytes == 17_000_000
+    assert "artifact_cap_bytes 16000000 -> 17000000" in capsys.readouterr().err
+    runlog.write_json(run_dir / "quant.json", {"bytes_total": 16_500_000})
+    runlog.mark_stage_done(run_dir, "quant")
+    plan.overrides = ["artifact_cap_bytes=18000000"]
+    assert run.prepare_seed(plan, 1).artifact_cap_bytes == 18_000_000  # 16.5 MB still fits
+    plan.overrides = ["artifact_cap_bytes=16000000"]
+    with pytest.raises(ConfigError, match="artifact_cap_bytes: 18000000 \\(saved\\) vs 16000000"):
+        run.prepare_seed(plan, 1)  # the finished quant would no longer fit
+    plan.overrides = ["artifact_cap_bytes=18000000", "iterations=3"]
+    with pytest.raises(ConfigError, match="iterations"):
+        run.prepare_seed(plan, 1)
+
+
 def test_cli_flags_reach_the_plan(monkeypatch):
     seen = []
     monkeypatch.setattr(run, "run", lambda plan: seen.append(plan) or 0)
