@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The whole pipeline on the wiki2015_sp8192 proxy on one GPU machine, stage by stage, with the
 # ANCHORS.md short-run settings (150 s budget, EMA 0.97, warmup 5, no periodic validation,
-# seed 42), copying each stage's results to $OUT as soon as it finishes so that a time limit
-# still returns what was done. Written for the device tool: carry .carry (the corpus .xz and
-# the 8192 tokenizer) and .whl (brotli); run from the repository root:
+# seed 42 unless `--set seed=N` is given), copying each stage's results to $OUT as soon as it
+# finishes so that a time limit still returns what was done. Written for the device tool: carry
+# .carry (the corpus .xz and the 8192 tokenizer) and .whl (brotli); run from the repository root:
 #     bash benchmarks/proxy_pipeline.sh [extra --set overrides...]
 set -u
 OUT=${OUT:-runs/proxy_pipeline_out}
 mkdir -p "$OUT"
 source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
-RUN=runs/proxy-anchor/seed_42
+SEED=42  # the last `--set seed=N` among the arguments wins, as in parlm's own parsing
+for arg in "$@"; do [[ $arg == seed=* ]] && SEED=${arg#seed=}; done
+RUN=runs/proxy-anchor/seed_$SEED
 build_proxy_dataset
 cp data/datasets/wiki2015_sp8192/manifest.json "$OUT/" 2>/dev/null
 SETS="--set seed=42 --set max_wallclock_seconds=150 --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0 --set train_log_every=25 $*"
