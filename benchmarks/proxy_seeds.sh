@@ -9,9 +9,9 @@
 # whole script keeps within CALL_SECONDS (default 590, the device tool's 10-minute call less a
 # margin): a seed is stopped when only 60 s remain (or SEED_TIMEOUT seconds after it starts, if
 # that comes first), the report step (which first resumes any stopped notebook) gets what then
-# remains less 25 s, and the results are packed even when something was stopped. Rerunning the same RUN_ID resumes unfinished notebooks.
-# Results (small files of every seed folder and the report) are packed into $OUT/RUN_ID.tar.gz,
-# with the logs beside it.
+# remains less 25 s, and the results are packed even when something was stopped. Rerunning the
+# same RUN_ID resumes unfinished notebooks. Results (small files of every seed folder and the
+# report) are packed into $OUT/RUN_ID.tar.gz, with the logs beside it.
 set -u
 STARTED=$(date +%s)
 left() { echo $(( ${CALL_SECONDS:-590} - ($(date +%s) - STARTED) )); }
@@ -47,8 +47,9 @@ for ((gpu = 0; gpu < GPUS; gpu++)); do
   ) &
 done
 wait
-stamp "report ($(( $(left) - 25 ))s left for it)"
-timeout -s INT -k 5 $(( $(left) - 25 > 1 ? $(left) - 25 : 1 )) \
+report_limit=$(( $(left) - 25 > 1 ? $(left) - 25 : 1 ))
+stamp "report (${report_limit}s left for it)"
+timeout -s INT -k 5 "$report_limit" \
   python3 -m parlm.run --preset "$PRESET" --seeds $SEEDS --run-id "$RUN_ID" "$@" > "$OUT/report.log" 2>&1
 stamp "report exit $?"
 tail -30 "$OUT/report.log"

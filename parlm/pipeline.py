@@ -29,7 +29,7 @@ def resumable_change(run_dir: str | os.PathLike, key: str, value) -> bool:
         return False
     if not runlog.stage_done(run_dir, "quant"):
         return True
-    quant_path = Path(run_dir) / "quant.json"
+    quant_path = Path(run_dir) / runlog.STAGE_RESULT_FILES["quant"]
     bytes_total = runlog.read_json(quant_path).get("bytes_total") if quant_path.exists() else None
     return bytes_total is not None and bytes_total <= value
 

@@ -21,6 +21,7 @@ import torch
 
 from . import dist
 from .artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
+from .config import ARTIFACT_CAP_BYTES
 from .gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
 from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
@@ -38,7 +39,7 @@ class ArtifactTooLarge(RuntimeError):
             f"{self.bytes_total:,} > cap {cap:,} by {self.bytes_total - cap:,} bytes; kept as {path}. "
             f"To go on with this model anyway, rerun with --set artifact_cap_bytes=<bytes> (the same "
             f"run id of parlm.run resumes without training again; the report still checks the "
-            f"16,000,000-byte limit)")
+            f"{ARTIFACT_CAP_BYTES:,}-byte limit)")
 
 
 def _synchronize(device: torch.device) -> None:

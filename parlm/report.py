@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import runlog
+from .config import ARTIFACT_CAP_BYTES
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
-ARTIFACT_CAP_BYTES = 16_000_000
 
 # The columns of the per-seed table, in display order (valid BPBs first; the legacy PPM mixture
 # last because it is not a normalized distribution, SPEC 6.6).
