@@ -13,7 +13,8 @@
 # Written for the device tool: carry .carry and .whl. Each seed's train.log, train.json and
 # metrics.jsonl are copied to $OUT (default runs/equal_steps_out).
 # NPROC=N trains with N processes (torchrun, one GPU each). The global batch stays the same, so
-# for the same step count halve the training time, not the 12 s GPTQ reserve: 71 s on 2 GPUs.
+# for the same step count divide the training time, not the 12 s GPTQ reserve, by N: 73 s gave
+# 125-126 steps on 2 H100s, 41 s gave 115 on 4 (the 1-GPU 130 s: 122).
 set -u
 SEEDS=${1:?usage: equal_steps.sh "SEEDS" [BUDGET_SECONDS] [--set key=value ...]}; shift
 BUDGET=130

@@ -7,9 +7,12 @@
 # The script is not part of parlm. It is downloaded from openai/parameter-golf at the PR's final
 # commit into .reference/ (ignored; its SHA-256 is checked), or read from REF_SCRIPT=path on a
 # machine without internet (carry it there). FlashAttention-3 is replaced by
-# benchmarks/fa3_sdpa_shim (SDPA with GQA). The run is stopped once the post-EMA score is logged:
-# quantization and evaluation are parlm's to measure. Needs CUDA and the proxy dataset
-# (data/datasets/wiki2015_sp8192 and its tokenizer; README "Proxy data").
+# benchmarks/fa3_sdpa_shim (SDPA with GQA). The run is stopped once the post-EMA score is logged,
+# unless EVALUATE=1: then the script also saves final_model.pt, quantizes, and scores the
+# quantized model plainly, with the sliding window and with score-first TTT (PPM off), in its own
+# folder .reference/seed<SEED>/ (it writes its bootstrap train_gpt.py into its working folder, so
+# it never runs where the script lies); benchmarks/reference_cross_eval.sh uses that model. Needs
+# CUDA and the proxy dataset (data/datasets/wiki2015_sp8192 and its tokenizer; README "Proxy data").
 set -euo pipefail
 OUT_DIR=${1:?usage: reference_run.sh OUT_DIR [SEED] [BUDGET_SECONDS]}
 SEED=${2:-42}
@@ -39,19 +42,24 @@ echo "$SHA256  $script" | sha256sum -c --quiet - || {
 ln -sfn "$DATASET" "$WORK/data/datasets/fineweb10B_sp8192"
 ln -sf "$TOKENIZER" "$WORK/data/tokenizers/fineweb_8192_bpe.model"
 
+script=$(cd "$(dirname "$script")" && pwd)/$(basename "$script")
+EVALUATE=${EVALUATE:-0}
 log=$OUT_DIR/reference_seed$SEED.log
-cd "$WORK"  # the script writes logs/<RUN_ID>.txt under the working directory
-PYTHONPATH="$ROOT/benchmarks/fa3_sdpa_shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+EVAL_ENV="TTT_ENABLED=0 SLIDING_WINDOW_ENABLED=0"
+if [ "$EVALUATE" = 1 ]; then EVAL_ENV="TTT_ENABLED=1 SLIDING_WINDOW_ENABLED=1"; log=$OUT_DIR/reference_seed${SEED}_evaluated.log; fi
+# The script writes logs/<RUN_ID>.txt, final_model.pt, final_model.int6.ptz and its bootstrap
+# train_gpt.py into its working directory: a folder of its own per seed.
+mkdir -p "$WORK/seed$SEED" && cd "$WORK/seed$SEED"
+env PYTHONPATH="$ROOT/benchmarks/fa3_sdpa_shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
   SEED=$SEED RUN_ID=reference_seed$SEED DATA_DIR="$WORK/data/" MAX_WALLCLOCK_SECONDS=$BUDGET \
-  EMA_DECAY=0.97 WARMUP_STEPS=5 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1 \
-  PPM_ENABLED=0 TTT_ENABLED=0 SLIDING_WINDOW_ENABLED=0 \
+  EMA_DECAY=0.97 WARMUP_STEPS=5 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1 PPM_ENABLED=0 $EVAL_ENV \
   python3 "$script" > "$log" 2>&1 &
 pid=$!
-echo "reference seed $SEED, ${BUDGET}s budget: log $log"
+echo "reference seed $SEED, ${BUDGET}s budget, EVALUATE=$EVALUATE: log $log"
 while kill -0 "$pid" 2>/dev/null; do
-  if grep -q "pre-quantization post-ema" "$log"; then kill -INT "$pid"; break; fi
+  if [ "$EVALUATE" != 1 ] && grep -q "pre-quantization post-ema" "$log"; then kill -INT "$pid"; break; fi
   sleep 2
 done
 wait "$pid" || true
-grep -E "layer_loop|val_bpb|stopping_early|peak memory" "$log" || {
+grep -E "layer_loop|val_bpb|stopping_early|peak memory|Serialized model quantized" "$log" || {
   echo "error: the reference run logged no score; see $log" >&2; exit 1; }
