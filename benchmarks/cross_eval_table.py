@@ -7,10 +7,10 @@ REFERENCE_EVALUATED.log is the console log of `EVALUATE=1 benchmarks/reference_r
 `<stage> val_loss:L val_bpb:B eval_time:Tms`, `stopping_early: ... step: S/...`,
 `Serialized model quantized+brotli: N bytes`); the JSON files are parlm eval.json files, with
 the matching quant.json and train.json read from beside them when present (`*_eval.json` ->
-`*_quant.json`, `*_train.json`). Prints a
-markdown table of BPB and seconds per stage, with Δ = parlm − reference, and ANCHORS.md's
-figures of the reference (seed 42, 118 steps) in the last column. The reference's stage seconds
-include its compiles; parlm reports its compile seconds in a row of their own.
+`*_quant.json`, `*_train.json`). Prints a markdown table of BPB and seconds per stage and of
+TTT − sliding, with Δ = parlm − reference, and ANCHORS.md's figures of the reference (seed 42,
+118 steps) in the last column. The reference's stage seconds include its compiles; parlm reports
+its compile seconds in a row of their own.
 """
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ SCORE_LINE = re.compile(r"^(\S[\w\- ]*?) val_loss:\s*(\S+) val_bpb:\s*(\S+) eval
 STOP_LINE = re.compile(r"stopping_early: \S+ train_time: (\d+)ms step: (\d+)/")
 BYTES_LINE = re.compile(r"Serialized model quantized\+\w+: (\d+) bytes")
 # shared/reference/ANCHORS.md, "Whole pipeline on the wiki2015_sp8192 proxy, one H100, seed 42".
-ANCHORS = {"steps": 118, "prequant_bpb": 1.6749, "quantized_bpb": 1.6784, "sliding_bpb": 1.6794, "ttt_bpb": 1.6728,
-           "quantized_seconds": 41.4, "sliding_seconds": 71.9, "bytes_model": 15_995_223}
+ANCHORS = {"steps": 118, "prequant_bpb": 1.6749, "quantized_bpb": 1.6784, "sliding_bpb": 1.6794,
+           "ttt_bpb": 1.6728, "quantized_seconds": 41.4, "sliding_seconds": 71.9,
+           "bytes_model": 15_995_223}
+ROWS = ["steps", "prequant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb", "ttt_minus_sliding_bpb",
+        "quantized_seconds", "sliding_seconds", "ttt_seconds", "compile_seconds", "bytes_model"]
 # the reference's stage names -> parlm's eval.json keys
 STAGES = {"quantized": "quantized", "quantized_sliding_window": "sliding", "quantized_ttt": "ttt"}
 
@@ -65,38 +68,37 @@ def parlm_scores(eval_path: str | Path) -> dict:
     return out
 
 
+def with_ttt_gain(scores: dict) -> dict:
+    """A copy of `scores` with ttt_minus_sliding_bpb = ttt_bpb − sliding_bpb when both are there."""
+    out = dict(scores)
+    if "ttt_bpb" in out and "sliding_bpb" in out:
+        out["ttt_minus_sliding_bpb"] = out["ttt_bpb"] - out["sliding_bpb"]
+    return out
+
+
 def table(reference: dict, parlm: dict, own: dict | None = None) -> str:
-    """The markdown comparison; a missing figure prints as a blank."""
-    def cell(value, digits=4):
+    """The markdown comparison, one row per ROWS entry; a missing figure prints as a blank."""
+    def cell(value, digits):
         if value is None:
             return ""
         return f"{value:,}" if isinstance(value, int) else f"{value:,.{digits}f}"
 
+    reference, parlm, anchors = with_ttt_gain(reference), with_ttt_gain(parlm), with_ttt_gain(ANCHORS)
     columns = ["stage", "reference on its model", "parlm on the same weights", "Δ parlm − reference"]
     if own is not None:
+        own = with_ttt_gain(own)
         columns.append("parlm's own model")
     columns.append("ANCHORS (reference, seed 42)")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    keys = ["steps", "prequant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb", "quantized_seconds",
-            "sliding_seconds", "ttt_seconds", "compile_seconds", "bytes_model"]
-    for key in keys:
+    for key in ROWS:
         digits = 4 if key.endswith("bpb") else 1
         ref, ours = reference.get(key), parlm.get(key)
         delta = ours - ref if ref is not None and ours is not None else None
         row = [key, cell(ref, digits), cell(ours, digits), cell(delta, digits)]
         if own is not None:
             row.append(cell(own.get(key), digits))
-        row.append(cell(ANCHORS.get(key), digits))
+        row.append(cell(anchors.get(key), digits))
         lines.append("| " + " | ".join(row) + " |")
-    def gain(scores):
-        return scores["ttt_bpb"] - scores["sliding_bpb"] if "sliding_bpb" in scores else None
-
-    row = ["TTT − sliding", cell(gain(reference)), cell(gain(parlm)),
-           cell(gain(parlm) - gain(reference) if None not in (gain(parlm), gain(reference)) else None)]
-    if own is not None:
-        row.append(cell(gain(own)))
-    row.append(cell(gain(ANCHORS)))
-    lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -20,12 +20,7 @@ python3 -m parlm.train --run-dir $RUN --preset proxy $SETS 2>&1 | drop_progress 
 cp $RUN/train.json $RUN/train.log "$OUT/" 2>/dev/null
 stamp "quant"
 python3 -m parlm.quant --run-dir $RUN 2>&1 | drop_progress | tail -12
-python3 - "$RUN" "$OUT" <<'PY'
-import json, sys
-q = json.load(open(f"{sys.argv[1]}/quant.json"))
-q.pop("per_tensor", None)
-json.dump(q, open(f"{sys.argv[2]}/quant.json", "w"), indent=1)
-PY
+save_quant_json $RUN "$OUT/quant.json"
 stamp "eval"
 python3 -m parlm.eval --run-dir $RUN 2>&1 | drop_progress | tail -14
 cp $RUN/eval.json "$OUT/" 2>/dev/null

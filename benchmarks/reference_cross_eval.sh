@@ -13,10 +13,11 @@
 # Results go to $OUT (default runs/cross_eval_out) as each stage finishes. On the device tool
 # (carry .carry, .whl and the reference script, REF_SCRIPT=...) the whole does not fit one
 # 10-minute call: on two H100s the reference saved its model after 8 minutes (its compile
-# warm-up beside parlm's), parlm's own model was done by then, and the call ended during parlm's
-# evaluation of the reference's model; a second call on the still-warm machine ran
-# `quant_and_eval` below on runs/cross_eval/reference_model_seed42. The reference's own
-# quantized, sliding and TTT scores need a machine without that limit (about 4 more minutes).
+# warm-up beside parlm's), parlm's own model was trained by then, and the call ended during
+# parlm's evaluation of the reference's model; a second call on the still-warm machine ran
+# `quant_and_eval` below on both run folders (the script now evaluates parlm's own model before
+# it waits for the reference's). The reference's own quantized, sliding and TTT scores need a
+# machine without that limit (about 4 more minutes).
 set -u
 SEED=${1:-42}
 OWN_BUDGET=${2:-}
@@ -38,13 +39,8 @@ quant_and_eval() {
   stamp "parlm quant + eval of $1"
   CUDA_VISIBLE_DEVICES=$PARLM_GPU python3 -m parlm.quant --run-dir "$1" 2>&1 | drop_progress | tail -4
   CUDA_VISIBLE_DEVICES=$PARLM_GPU python3 -m parlm.eval --run-dir "$1" 2>&1 | drop_progress | tail -6
-  python3 - "$1" "$OUT/$2" <<'PY'
-import json, sys
-quant = json.load(open(f"{sys.argv[1]}/quant.json"))
-quant.pop("per_tensor", None)
-json.dump(quant, open(f"{sys.argv[2]}_quant.json", "w"), indent=1)
-json.dump(json.load(open(f"{sys.argv[1]}/eval.json")), open(f"{sys.argv[2]}_eval.json", "w"), indent=1)
-PY
+  save_quant_json "$1" "$OUT/${2}_quant.json"
+  cp "$1/eval.json" "$OUT/${2}_eval.json"
 }
 
 stamp "reference seed $SEED on GPU 0"
