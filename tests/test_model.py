@@ -40,6 +40,23 @@ def test_parameter_count_matches_spec():
     assert model.skip_weights.shape == model.skip_gates.shape == (8, 512)
 
 
+def test_state_dict_uses_the_reference_names_and_shapes():
+    """The reference's final_model.pt loads into parlm unchanged: SPEC 2.1 and 4.4 name the
+    tensors (checked once against the reference module's own state_dict; parlm's quant and eval
+    of the reference's weights in benchmarks/reference_cross_eval.sh rely on it)."""
+    with torch.device("meta"):
+        model = GPT(Config())
+    expected = {"tok_emb.weight": (8192, 512), "skip_weights": (8, 512), "skip_gates": (8, 512)}
+    for block in range(11):
+        expected.update({
+            f"blocks.{block}.attn.c_q.weight": (512, 512), f"blocks.{block}.attn.c_k.weight": (256, 512),
+            f"blocks.{block}.attn.c_v.weight": (256, 512), f"blocks.{block}.attn.proj.weight": (512, 512),
+            f"blocks.{block}.mlp.fc.weight": (2048, 512), f"blocks.{block}.mlp.proj.weight": (512, 2048),
+            f"blocks.{block}.attn.q_gain": (8,), f"blocks.{block}.attn_scale": (512,),
+            f"blocks.{block}.mlp_scale": (512,), f"blocks.{block}.resid_mix": (2, 512)})
+    assert {name: tuple(t.shape) for name, t in model.state_dict().items()} == expected
+
+
 def test_default_schedules_are_the_spec_lists():
     with torch.device("meta"):
         model = GPT(Config())
