@@ -2,12 +2,16 @@
 # carry .carry, the corpus .xz and the 8192 tokenizer, and .whl, wheels the GPU image lacks).
 # Exports the run environment, installs the carried wheels once into /tmp/site, and defines
 # `stamp` (a timestamped echo), `drop_progress` (an output filter), `build_proxy_dataset`
-# (wiki2015_sp8192, skipped when built) and `save_quant_json` (a run's quant.json, small).
+# (wiki2015_sp8192, skipped when built) and `save_quant_json` (a run's quant.json, small), and sets
+# ANCHORS_SETS, the --set flags of ANCHORS.md's short-run settings besides the budget.
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 if [ -d .whl ] && ! python3 -c 'import papermill, brotli' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# EMA 0.97, warmup 5, no periodic validation (the budget, 150 s there, is each script's own).
+ANCHORS_SETS="--set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0"
 
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 # A filter for console output kept in a device call's short tail: drops warnings and the

@@ -27,8 +27,8 @@ for seed in $SEEDS; do
   stamp "seed $seed, ${BUDGET}s"
   launcher="python3"; [ "${NPROC:-1}" -gt 1 ] && launcher="torchrun --standalone --nproc_per_node=$NPROC"
   $launcher -m parlm.train --run-dir runs/equal_steps/seed_$seed --preset proxy --set seed=$seed \
-    --set max_wallclock_seconds=$BUDGET --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0 \
-    --set train_log_every=1 --set data_order=rank "$@" 2>&1 | drop_progress | tail -4
+    --set max_wallclock_seconds=$BUDGET $ANCHORS_SETS --set train_log_every=1 --set data_order=rank "$@" \
+    2>&1 | drop_progress | tail -4
   for name in train.log train.json metrics.jsonl; do cp runs/equal_steps/seed_$seed/$name "$OUT/seed${seed}_$name"; done
 done
 stamp "done"

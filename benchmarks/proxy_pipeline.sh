@@ -14,7 +14,7 @@ for arg in "$@"; do [[ $arg == seed=* ]] && SEED=${arg#seed=}; done
 RUN=runs/proxy-anchor/seed_$SEED
 build_proxy_dataset
 cp data/datasets/wiki2015_sp8192/manifest.json "$OUT/" 2>/dev/null
-SETS="--set seed=42 --set max_wallclock_seconds=150 --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0 --set train_log_every=25 $*"
+SETS="--set seed=42 --set max_wallclock_seconds=150 $ANCHORS_SETS --set train_log_every=25 $*"
 stamp "train"
 python3 -m parlm.train --run-dir $RUN --preset proxy $SETS 2>&1 | drop_progress | tail -22
 cp $RUN/train.json $RUN/train.log "$OUT/" 2>/dev/null

@@ -28,8 +28,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 build_proxy_dataset
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 PARLM_GPU=$(( GPUS > 1 ? 1 : 0 ))
-ANCHORS_SETS="--preset proxy --set seed=$SEED --set ema_decay=0.97 --set warmup_steps=5 --set val_loss_every=0
-  --set train_log_every=1 --set data_order=rank --set artifact_cap_bytes=17000000"
+PARLM_SETS="--preset proxy --set seed=$SEED $ANCHORS_SETS --set train_log_every=1 --set data_order=rank
+  --set artifact_cap_bytes=17000000"
 REF_MODEL=.reference/seed$SEED/final_model.pt
 REF_LOG=$OUT/reference_seed${SEED}_evaluated.log
 rm -f "$REF_MODEL"
@@ -53,7 +53,7 @@ OWN=runs/cross_eval/parlm_seed$SEED
 if [ -n "$OWN_BUDGET" ]; then
   stamp "parlm seed $SEED, ${OWN_BUDGET}s, on GPU $PARLM_GPU"
   rm -rf "$OWN"
-  CUDA_VISIBLE_DEVICES=$PARLM_GPU python3 -m parlm.train --run-dir "$OWN" $ANCHORS_SETS \
+  CUDA_VISIBLE_DEVICES=$PARLM_GPU python3 -m parlm.train --run-dir "$OWN" $PARLM_SETS \
     --set max_wallclock_seconds=$OWN_BUDGET 2>&1 | drop_progress | tail -3
   cp "$OWN/train.json" "$OUT/parlm_own_train.json"; cp "$OWN/train.log" "$OUT/parlm_own_train.log"
   [ -f "$OWN/final_model.pt" ] && quant_and_eval "$OWN" parlm_own
@@ -65,9 +65,11 @@ if [ -f "$REF_MODEL" ] && grep -q "^Serialized model:" "$REF_LOG"; then
   ON_REF=runs/cross_eval/reference_model_seed$SEED
   rm -rf "$ON_REF"; mkdir -p "$ON_REF"
   ln -s "$PWD/$REF_MODEL" "$ON_REF/final_model.pt"
-  python3 -c "import sys; from parlm.config import Config, parse_overrides
-Config.from_preset('proxy', parse_overrides(sys.argv[2:])).save(sys.argv[1])" "$ON_REF/config.yaml" \
-    $(echo $ANCHORS_SETS | sed 's/--preset proxy//; s/--set //g') max_wallclock_seconds=150
+  # The config parlm.train would resolve from the same flags (parlm's own --preset/--set parsing).
+  python3 -c "import argparse, sys; from parlm.config import add_config_arguments, config_from_arguments
+parser = argparse.ArgumentParser(); add_config_arguments(parser)
+config_from_arguments(parser.parse_args(sys.argv[2:])).save(sys.argv[1])" "$ON_REF/config.yaml" \
+    $PARLM_SETS --set max_wallclock_seconds=150
   quant_and_eval "$ON_REF" parlm_on_reference
 else
   echo "error: the reference run saved no final_model.pt; see $REF_LOG" >&2
