@@ -358,7 +358,13 @@ def test_hidden_and_head_split_and_softcap(tiny_config):
     assert torch.equal(logits, model.forward_logits(ids))
     assert 29.0 < logits.abs().max() <= 30.0  # saturated but bounded by the cap
     picked = model.logits_from_hidden(hidden[:, -3:])
-    assert torch.allclose(picked, logits[:, -3:])
+    # A slice may take another BLAS blocking, so the fp32 dot products h·e can differ in their
+    # summation order. The standard bound for a length-d fp32 dot product is
+    # d * 2^-24 * sum_i |h_i e_i|, and the cap c*tanh(x/c) has slope <= 1, so it cannot grow
+    # the difference (on AMD EPYC the observed 1.5e-4 sits far inside this bound).
+    weight = model.tok_emb.weight.to(hidden.dtype)
+    bound = hidden.size(-1) * 2.0 ** -24 * (hidden[:, -3:].abs() @ weight.abs().T)
+    assert torch.all((picked - logits[:, -3:]).abs() <= bound)
 
 
 def test_forward_hooks_see_every_projection(tiny_config):
