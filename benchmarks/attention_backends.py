@@ -1,6 +1,6 @@
 """Attention backends on this GPU: forward+backward time at the training shape and agreement.
 
-For each backend of parlm.attention (fa3, fa4, cudnn, flash, efficient, math) that runs here,
+For each backend of parlm.model.attention (fa3, fa4, cudnn, flash, efficient, math) that runs here,
 and for the SDPA ones in both GQA modes (k/v with 4 heads passed natively, or repeated to 8),
 times causal attention at B=48, T=2048, 8 query / 4 KV heads, head_dim 64, bf16 (one
 micro-batch of the reference's training step), forward alone and forward+backward, and
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from parlm import attention  # noqa: E402
+from parlm.model import attention as attention  # noqa: E402
 
 
 def timed(fn, iters: int, warmup: int) -> float:

@@ -9,7 +9,7 @@ FlashAttention unless --reference-attention same, as in the ANCHORS.md reference
 loop over windows building zero-padded batches of 32 windows, the compiled `forward_logits`
 over all 2048 positions, fp32 cross-entropy over every position, per-window accumulation of
 the scored tail, and eager TTT training steps. parlm's side is `parlm.eval.eval_val_sliding`
-and `parlm.ttt.eval_val_ttt`. Compile time is measured separately for both (first batch /
+and `parlm.eval.ttt.eval_val_ttt`. Compile time is measured separately for both (first batch /
 warm-up), so "seconds" is the steady-state scoring time and "seconds_with_compile" the sum.
 Prints and writes a JSON report with the speedup ratios and BPB differences.
 """
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from parlm.config import Config, compile_enabled, parse_overrides
 from parlm.dist import init_distributed
-from parlm.eval import WindowScorer, autocast_context, eval_val_sliding, synchronize, window_starts
-from parlm.ttt import eval_val_ttt
+from parlm.eval.scoring import WindowScorer, autocast_context, eval_val_sliding, synchronize, window_starts
+from parlm.eval.ttt import eval_val_ttt
 
 
 def load_inputs(args):
@@ -44,13 +44,13 @@ def load_inputs(args):
     config = config.replace(device="cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(config.device)
     if args.run_dir and (Path(args.run_dir) / "final_model.int6.ptz").exists():
-        from parlm.quant import load_quantized_model
+        from parlm.quant.stage import load_quantized_model
 
         artifact = Path(args.run_dir) / "final_model.int6.ptz"
         make_model = lambda: load_quantized_model(config, artifact, device)  # noqa: E731
         source = f"artifact {artifact}"
     else:
-        from parlm.model import build_model
+        from parlm.model.gpt import build_model
 
         def make_model():
             torch.manual_seed(0)
@@ -230,7 +230,7 @@ def main() -> None:
     def reference_model():
         model = make_model()
         if args.reference_attention != "same" and device.type == "cuda":
-            from parlm.attention import select_backend
+            from parlm.model.attention import select_backend
 
             model.attention_backend = select_backend(args.reference_attention, device)
         report["reference_attention_backend"] = model.attention_backend

@@ -15,7 +15,7 @@ process CPU time is reported beside it).
 
     python benchmarks/ppm_speed.py [--bytes 151078222] [--repeats 3] [--json]
 
-`--mixture` instead times the valid token mixture (`parlm.mixture.TokenNgramMixture`) as one
+`--mixture` instead times the valid token mixture (`parlm.eval.token_mixture.TokenNgramMixture`) as one
 rank of a score-first TTT pass sees it: every chunk of --chunk-tokens positions, this rank
 scores 1/--ranks of them in batches of --batch positions (random logits over the 8192 ids,
 real wiki2015 tokens as the stream, from --shards or by tokenizing --docs) and then advances
@@ -149,7 +149,7 @@ def mixture_benchmark(args) -> int:
     import torch
 
     from parlm.config import Config
-    from parlm.mixture import TokenNgramMixture
+    from parlm.eval.token_mixture import TokenNgramMixture
 
     device = torch.device(args.device)
     if args.shards:

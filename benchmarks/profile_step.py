@@ -17,9 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parlm.config import Config, parse_overrides  # noqa: E402
-from parlm.model import build_model  # noqa: E402
-from parlm.optim import Optimizers, muon_momentum  # noqa: E402
-from parlm.train import configure_cuda_math  # noqa: E402
+from parlm.model.gpt import build_model  # noqa: E402
+from parlm.train.optim import Optimizers, muon_momentum  # noqa: E402
+from parlm.train.loop import configure_cuda_math  # noqa: E402
 
 
 def categorize(name: str) -> str:

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from parlm import dist
-from parlm.artifact import compress, decompress, load_quantized_model, pack, unpack
+from parlm.quant.artifact import compress, decompress, load_quantized_model, pack, unpack
 from parlm.config import add_config_arguments, config_from_arguments
 from parlm.data.shards import write_shard
-from parlm.gptq import collect_hessians
-from parlm.model import build_model
-from parlm.quant import calibration_batches, quantize_state
+from parlm.quant.gptq import collect_hessians
+from parlm.model.gpt import build_model
+from parlm.quant.stage import calibration_batches, quantize_state
 
 
 def synchronize(device: torch.device) -> None:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             import brotli
 
-            from parlm.artifact import byte_shuffle
+            from parlm.quant.artifact import byte_shuffle
 
             started = time.perf_counter()
             buffer = io.BytesIO()

@@ -67,8 +67,8 @@ def write_random_shards(config: Config, shards: int, shard_tokens: int) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-    from parlm.train import Trainer, configure_cuda_math, seed_everything
-    from parlm.train_state import DeviceFlagPoller, ExponentialMovingAverage, StepTimer, steady_state_rate
+    from parlm.train.loop import Trainer, configure_cuda_math, seed_everything
+    from parlm.train.state import DeviceFlagPoller, ExponentialMovingAverage, StepTimer, steady_state_rate
 
     ctx = dist.init_distributed(args.device)
     base = Config.from_preset(args.preset) if args.preset else Config()

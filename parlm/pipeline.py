@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import runlog
-from .config import Config, ConfigError
+from parlm import runlog
+from parlm.config import Config, ConfigError
 
 STAGES = ("data", "train", "quant", "eval", "ppm", "summary")
 # Stages that use every GPU through torchrun when nproc > 1.
@@ -71,32 +71,32 @@ def run_stage(stage: str, config: Config, run_dir: str | os.PathLike, nproc: int
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
     if stage in DISTRIBUTED_STAGES and nproc > 1:
-        from .dist import launch_torchrun
+        from parlm.dist import launch_torchrun
 
         config.check_world_size(nproc)
         launch_torchrun(f"parlm.{stage}", ["--run-dir", str(run_dir)], nproc)
     elif stage == "data":
-        from .data.corpus import ensure_dataset
+        from parlm.data.corpus import ensure_dataset
 
         ensure_dataset(config)
     elif stage == "train":
-        from .train import train_run
+        from parlm.train.loop import train_run
 
         train_run(config, run_dir)
     elif stage == "quant":
-        from .quant import quantize_run
+        from parlm.quant.stage import quantize_run
 
         quantize_run(config, run_dir)
     elif stage == "eval":
-        from .eval import evaluate_run
+        from parlm.eval.stage import evaluate_run
 
         evaluate_run(config, run_dir)
     elif stage == "ppm":
-        from .ppm import ppm_run
+        from parlm.ppm import ppm_run
 
         ppm_run(config, run_dir)
     elif stage == "summary":
-        from .report import summarize_seed
+        from parlm.report.summary import summarize_seed
 
         summarize_seed(run_dir)
     runlog.mark_stage_done(run_dir, stage)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import runlog
-from .config import Config, ConfigError, parse_overrides
+from parlm import runlog
+from parlm.config import Config, ConfigError, parse_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -178,7 +178,7 @@ def _check_notebooks(plan: RunPlan) -> None:
 def prepare_seed(plan: RunPlan, seed: int) -> Config:
     """Resolve and check the seed's config and write (or verify) its `config.yaml` before any
     notebook starts, so a mismatched resume or a bad override fails at once."""
-    from .pipeline import prepare_run
+    from parlm.pipeline import prepare_run
 
     config = Config.from_preset(plan.preset, parse_overrides(plan.overrides)).replace(seed=seed)
     config.validate(world_size=plan.nproc)
@@ -202,7 +202,7 @@ def _adopt_stage(run_dir: Path, stage: str, started_at: float, notebook: Path) -
 
 def run_seed(plan: RunPlan, seed: int) -> dict:
     """Execute notebooks 01-06 for one seed (skipping finished ones), then its summary.json."""
-    from . import pipeline
+    from parlm import pipeline
 
     run_dir = plan.seed_dir(seed)
     config = prepare_seed(plan, seed)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import dist
+from parlm import dist
 
 # The result file each pipeline stage writes last (DESIGN.md run-folder contract).
 STAGE_RESULT_FILES = {"train": "train.json", "quant": "quant.json", "eval": "eval.json",

@@ -1,7 +1,7 @@
 """Write notebooks/07_report.ipynb (outputs stripped) from the cell sources below.
 
 Run from the repository root: `python scripts/write_report_notebook.py`. The notebook is thin:
-parameters, then calls into parlm.report / parlm.plots (STYLE.md 1).
+parameters, then calls into parlm.report / parlm.report.plots (STYLE.md 1).
 """
 from pathlib import Path
 
@@ -34,7 +34,8 @@ BUILD = """from pathlib import Path
 
 from IPython.display import Image, Markdown, display
 
-from parlm import pipeline, report
+from parlm import pipeline
+from parlm.report import summary as report
 from parlm.config import Config, parse_overrides
 
 run_root = Path(run_root)

@@ -1,4 +1,4 @@
-"""parlm.attention: every backend on this machine equals an explicit softmax attention."""
+"""parlm.model.attention: every backend on this machine equals an explicit softmax attention."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from parlm.attention import (AUTO_ORDER_CUDA, backend_unavailable_reason, causal_attention, repeat_kv,
+from parlm.model.attention import (AUTO_ORDER_CUDA, backend_unavailable_reason, causal_attention, repeat_kv,
                              select_backend)
 from parlm.config import ConfigError
 
@@ -85,7 +85,7 @@ def test_select_backend_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_backends_agree_with_reference():
     q, k, v = random_qkv(shape_q=(2, 256, 8, 64), kv_heads=4, dtype=torch.bfloat16, device="cuda", seed=3)
-    from parlm.attention import reference_attention
+    from parlm.model.attention import reference_attention
     expected = reference_attention(q, k, v)
     available = [b for b in AUTO_ORDER_CUDA if backend_unavailable_reason(b, "cuda") is None]
     assert available, "no CUDA attention backend runs"
@@ -97,7 +97,7 @@ def test_cuda_backends_agree_with_reference():
 
 def test_probe_rejects_a_wrong_kernel(monkeypatch):
     """A kernel that ignores the causal mask must be reported, not selected."""
-    import parlm.attention as attention_module
+    import parlm.model.attention as attention_module
 
     def not_causal(q, k, v, backend, strict=False):
         k, v = repeat_kv(k, q.size(2) // k.size(2)), repeat_kv(v, q.size(2) // k.size(2))

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from parlm.config import Config
 from parlm.data.tokenizer import ByteTables
 from parlm.dist import DistContext
-from parlm.eval import (EvalResult, count_windows, eval_val, eval_val_sliding, plan_ttt_chunks,
+from parlm.eval.scoring import (EvalResult, count_windows, eval_val, eval_val_sliding, plan_ttt_chunks,
                         scored_span, window_starts)
-from parlm.model import build_model
-from parlm.ttt import eval_val_ttt
+from parlm.model.gpt import build_model
+from parlm.eval.ttt import eval_val_ttt
 
 from conftest import TINY_MODEL
 
@@ -301,8 +301,8 @@ def test_ttt_matches_slow_loop(total):
 # The pipeline stage end to end (tiny real dataset, real artifact)
 
 def test_evaluate_run_writes_consistent_outputs(tiny_dataset_config, tmp_path):
-    from parlm.eval import evaluate_run
-    from parlm.quant import quantize_run
+    from parlm.eval.stage import evaluate_run
+    from parlm.quant.stage import quantize_run
     from parlm.runlog import read_json, read_metrics
 
     config = tiny_dataset_config.replace(val_max_tokens=448, mixture_enabled=True, ttt_diagnostic_after=True,
@@ -334,7 +334,7 @@ def test_evaluate_run_writes_consistent_outputs(tiny_dataset_config, tmp_path):
     assert {"quantized", "sliding", "ttt", "mix_valid", "ttt_chunk"} <= set(names)
     # TTT inside the stage reuses the sliding stage's model and scorer; a fresh artifact load
     # with its own scorer gives the same score (plain and sliding left the weights untouched).
-    from parlm.artifact import ARTIFACT_NAME, load_quantized_model
+    from parlm.quant.artifact import ARTIFACT_NAME, load_quantized_model
     from parlm.data.shards import load_validation_tokens
 
     fresh = load_quantized_model(config, tmp_path / ARTIFACT_NAME, "cpu")
@@ -344,7 +344,7 @@ def test_evaluate_run_writes_consistent_outputs(tiny_dataset_config, tmp_path):
 
 
 def test_cumulative_gain_hand_example():
-    from parlm.eval_plots import cumulative_gain
+    from parlm.eval.plots import cumulative_gain
 
     chunks = [{"end": 10, "bytes": 100, "bpb": 1.0, "sliding_bpb": 1.0},   # saves 0 bits
               {"end": 20, "bytes": 300, "bpb": 0.9, "sliding_bpb": 1.1}]   # saves 60 bits

@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 
 from parlm.dist import DistContext
-from parlm.eval import eval_val, eval_val_sliding
-from parlm.mixture import TokenNgramMixture
-from parlm.ttt import eval_val_ttt
+from parlm.eval.scoring import eval_val, eval_val_sliding
+from parlm.eval.token_mixture import TokenNgramMixture
+from parlm.eval.ttt import eval_val_ttt
 
 from test_eval import (single_thread, synthetic_byte_tables, tiny_eval_config, tiny_model,  # noqa: F401
                        token_stream)

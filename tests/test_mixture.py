@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parlm.config import Config, ConfigError
-from parlm.mixture import SortedCounts, TokenNgramMixture
+from parlm.eval.token_mixture import SortedCounts, TokenNgramMixture
 
 
 def slow_count_distribution(tokens, advanced, position, order, vocab):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from parlm.config import Config
-from parlm.model import GPT, build_model, looped_schedule, skip_connections
+from parlm.model.gpt import GPT, build_model, looped_schedule, skip_connections
 
 
 def small_config(tiny_config: Config, **overrides) -> Config:
@@ -159,7 +159,7 @@ def test_rope_tables_float32_are_exact():
 
 
 def rope_tables_for(seq_len: int, precision: str):
-    from parlm.model import rope_tables
+    from parlm.model.gpt import rope_tables
     return rope_tables(seq_len, 16, 10000.0, 2048, precision)
 
 
@@ -189,7 +189,7 @@ def test_reference_code_path_compiled_on_cuda_gives_the_default():
 
 
 def test_apply_rotary_matches_hand_rotation():
-    from parlm.model import apply_rotary
+    from parlm.model.gpt import apply_rotary
     torch.manual_seed(1)
     seq, heads, dim, rope_dims = 6, 2, 64, 16
     x = torch.randn(1, seq, heads, dim, dtype=torch.float64)
@@ -207,7 +207,7 @@ def test_apply_rotary_matches_hand_rotation():
 
 
 def test_xsa_removes_the_value_direction():
-    from parlm.model import exclusive_self_attention
+    from parlm.model.gpt import exclusive_self_attention
     torch.manual_seed(2)
     y = torch.randn(2, 3, 4, 8, dtype=torch.float64)
     v = torch.randn(2, 3, 2, 8, dtype=torch.float64)
@@ -380,7 +380,7 @@ def test_forward_hooks_see_every_projection(tiny_config):
 
 
 def test_long_sequences_use_the_ntk_rescale(tiny_config):
-    from parlm.model import rope_tables
+    from parlm.model.gpt import rope_tables
     model = GPT(small_config(tiny_config))  # train_seq_len 32
     cos, _ = model.rotary(64, torch.device("cpu"))
     expected, _ = rope_tables(64, 8, 10000.0 * (64 / 32) ** (8 / 6), 10 ** 9, "float32")
@@ -401,7 +401,7 @@ def test_reference_layout_forward_runs_in_bf16(tiny_config):
 
 
 def test_parameter_table_groups_match_the_optimizer_partition():
-    from parlm.model_plots import parameter_table
+    from parlm.model.plots import parameter_table
     with torch.device("meta"):
         model = GPT(Config())
     rows = parameter_table(model, Config().control_patterns)

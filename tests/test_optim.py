@@ -1,4 +1,4 @@
-"""parlm.optim against SPEC 3.3-3.4: MuonEq-R vs a float64 transcription, the sharded path on
+"""parlm.train.optim against SPEC 3.3-3.4: MuonEq-R vs a float64 transcription, the sharded path on
 2 gloo processes, the parameter partition, the schedules."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import tempfile
 import pytest
 import torch
 
-import parlm.optim as optim_module
+import parlm.train.optim as optim_module
 from parlm.config import Config
-from parlm.model import GPT
-from parlm.optim import Muon, Optimizers, lr_multiplier, muon_momentum, zeropower_via_newtonschulz5
+from parlm.model.gpt import GPT
+from parlm.train.optim import Muon, Optimizers, lr_multiplier, muon_momentum, zeropower_via_newtonschulz5
 
 SHAPES = [(16, 8), (8, 16), (8, 8), (16, 8), (4, 8), (8, 16)]  # tall, wide, square; repeated shapes batch
 

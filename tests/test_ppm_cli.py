@@ -85,7 +85,7 @@ def test_ppm_run_writes_results_and_traces(tmp_path, wiki_nll, sp1024_path):
     np.savez(run_dir / "nll.npz", target=target, prev=prev, nll=nll, nll_mix=nll * 0.99)
     config = Config().replace(tokenizer_path=str(sp1024_path), vocab_size=1024, ppm_subset_tokens=2000)
     from parlm.ppm import ppm_run
-    from parlm.ppm.run import load_traces
+    from parlm.ppm.stage import load_traces
 
     out = ppm_run(config, run_dir, audit_count=5, progress=False)
     saved = json.loads((run_dir / "ppm.json").read_text())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from parlm.ppm import TokenByteLayout, legacy_mixture
-from parlm.ppm.legacy import LAMBDA_HI, LAMBDA_LO, LAMBDA_SKIP
+from parlm.ppm.reference_mixture import LAMBDA_HI, LAMBDA_LO, LAMBDA_SKIP
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""parlm.gptq / parlm.artifact / parlm.quant against independent computations: a slow
+"""parlm.quant.gptq / parlm.quant.artifact / parlm.quant against independent computations: a slow
 column-by-column GPTQ in float64, round-to-nearest, SPEC's SDClip formula, a hand-shuffled
 byte string, Hessians from stored activations."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from parlm.artifact import (byte_shuffle, byte_unshuffle, compress, decompress, dequantize_state, pack,
+from parlm.quant.artifact import (byte_shuffle, byte_unshuffle, compress, decompress, dequantize_state, pack,
                             read_artifact, unpack)
-from parlm.gptq import collect_hessians, gptq_quantize, gptq_quantize_state, sdclip_scales
+from parlm.quant.gptq import collect_hessians, gptq_quantize, gptq_quantize_state, sdclip_scales
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_pack_unpack_round_trip_is_exact():
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma"])
 def test_compression_deterministic_and_reversible(compressor, monkeypatch):
-    import parlm.artifact as artifact
+    import parlm.quant.artifact as artifact
 
     monkeypatch.setattr(artifact, "CHUNK_BYTES", 300)  # several chunks per stream
     weights, methods = _random_state()
@@ -207,7 +207,7 @@ def test_dequantize_is_codes_times_scales():
 def test_hessians_match_stored_activations(tiny_config):
     """Every Hessian equals (1/n) sum X^T X of the stored inputs of its linear (float64),
     looped blocks counted once per application; tok_emb's is the final-norm output's."""
-    from parlm.model import build_model
+    from parlm.model.gpt import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny_config, "cpu")
@@ -246,7 +246,7 @@ def test_hessians_match_stored_activations(tiny_config):
 # ----------------------------------------------------------------------------------------
 # The stage on a run folder
 def _fake_run(config, run_dir):
-    from parlm.model import build_model
+    from parlm.model.gpt import build_model
 
     torch.manual_seed(0)
     model = build_model(config, "cpu")
@@ -260,7 +260,7 @@ def _fake_run(config, run_dir):
 
 
 def test_quantize_run_writes_artifact_and_round_trips(tiny_dataset_config, tmp_path):
-    from parlm.quant import load_quantized_model, quantize_run
+    from parlm.quant.stage import load_quantized_model, quantize_run
     from parlm.runlog import read_json
 
     config = tiny_dataset_config.replace(quant_passthrough_max_numel=256)
@@ -280,7 +280,7 @@ def test_quantize_run_writes_artifact_and_round_trips(tiny_dataset_config, tmp_p
     assert 0 < per_tensor["blocks.0.mlp.proj.weight"]["rel_error"] < 0.3
     assert sum(quant["stream_bytes"].values()) == quant["bytes_model"]
 
-    from parlm.quant_plots import quant_figures
+    from parlm.quant.plots import quant_figures
 
     figures = quant_figures(run_dir, bpb={"prequant": 3.0, "quantized": 3.01})
     assert set(figures) == {"tensor_errors", "scales", "size_breakdown", "cap", "bpb"}
@@ -300,7 +300,7 @@ def test_quantize_run_writes_artifact_and_round_trips(tiny_dataset_config, tmp_p
 
 
 def test_over_cap_fails_and_renames(tiny_dataset_config, tmp_path):
-    from parlm.quant import ArtifactTooLarge, quantize_run
+    from parlm.quant.stage import ArtifactTooLarge, quantize_run
     from parlm.runlog import read_json
 
     config = tiny_dataset_config.replace(quant_passthrough_max_numel=256, artifact_cap_bytes=5000)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from parlm import report
+from parlm.report import summary as report
 
 
 def simpson(f, lo: float, hi: float, intervals: int = 20_000) -> float:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from parlm import plots, report
+from parlm.report import plots as plots
+from parlm.report import summary as report
 from parlm.config import Config
 
 

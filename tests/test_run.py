@@ -118,9 +118,9 @@ def test_ensure_skips_done_stages_and_a_failed_stage_leaves_no_marker(tmp_path, 
     def broken(_run_dir):
         raise RuntimeError("summary broke")
 
-    import parlm.report
+    import parlm.report.summary
 
-    monkeypatch.setattr(parlm.report, "summarize_seed", broken)
+    monkeypatch.setattr(parlm.report.summary, "summarize_seed", broken)
     with pytest.raises(RuntimeError, match="summary broke"):
         pipeline.ensure(config, run_dir, "summary")  # data..ppm are done: only summary runs
     assert not runlog.stage_done(run_dir, "summary")
@@ -128,7 +128,7 @@ def test_ensure_skips_done_stages_and_a_failed_stage_leaves_no_marker(tmp_path, 
     pipeline.ensure(config, run_dir, "summary")
     assert runlog.stage_done(run_dir, "summary")
     assert json.loads((run_dir / "summary.json").read_text())["ttt_bpb"] == 3.0
-    monkeypatch.setattr(parlm.report, "summarize_seed", broken)
+    monkeypatch.setattr(parlm.report.summary, "summarize_seed", broken)
     pipeline.ensure(config, run_dir, "summary")  # done: not run again, so no error
 
 
@@ -155,7 +155,7 @@ for name in ("quant.json", "eval.json", "ppm.json"):
 for stage in ("quant", "eval", "ppm"):
     runlog.mark_stage_done(run_dir, stage)"""
 REPORT = """from pathlib import Path
-from parlm import report
+from parlm.report import summary as report
 result = report.build_report(run_root, "pr1858", report_dir, plots=False, submission=False)
 print(sorted(result["seeds"]))"""
 

@@ -141,8 +141,8 @@ def test_build_is_deterministic_and_never_touches_sources(tmp_path):
     assert _tree_fingerprint(sources) == before
     assert len(first) == min(report["sizes"].values())
     assert "parlm.ppm" not in report["modules"] and "parlm.report" not in report["modules"]
-    assert {"parlm.train", "parlm.quant", "parlm.eval", "parlm.model"} <= set(report["modules"])
-    for target in (build.package_root() / "train_gpt.py", build.package_root() / "model.py"):
+    assert {"parlm.train.loop", "parlm.quant.stage", "parlm.eval.stage", "parlm.model.gpt"} <= set(report["modules"])
+    for target in (build.package_root() / "train_gpt.py", build.package_root() / "model" / "gpt.py"):
         with pytest.raises(ValueError, match="inside the parlm sources"):
             build.write_generated_file(target, first)
     assert not (build.package_root() / "train_gpt.py").exists()
@@ -154,7 +154,7 @@ def test_bundle_serves_only_its_own_modules(tmp_path):
     modules = {"parlm": "", "parlm.alpha": "VALUE = 41\n",
                "parlm.submission": "", "parlm.submission.entry":
                "def main(path):\n from parlm.alpha import VALUE\n print(VALUE + 1, path.endswith('x.py'))\n"
-               " try:\n  import parlm.model\n except ImportError as e:\n  print('blocked', e)\n"}
+               " try:\n  import parlm.model.gpt\n except ImportError as e:\n  print('blocked', e)\n"}
     program = build.bundle_program(modules, {"parlm", "parlm.submission"})
     path = tmp_path / "x.py"
     path.write_text(program)

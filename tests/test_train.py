@@ -14,9 +14,9 @@ import torch
 from parlm import runlog
 from parlm.config import Config, ConfigError
 from parlm.data.shards import write_shard
-from parlm.optim import lr_multiplier, muon_momentum
-from parlm.train import main, train_run, training_fraction
-from parlm.train_state import (ExponentialMovingAverage, StepTimer, TrainingDiverged,
+from parlm.train.optim import lr_multiplier, muon_momentum
+from parlm.train.loop import main, train_run, training_fraction
+from parlm.train.state import (ExponentialMovingAverage, StepTimer, TrainingDiverged,
                                TrainingSnapshot, steady_state_rate)
 
 
@@ -153,8 +153,8 @@ def test_ema_equals_hand_recursion_and_freezes_on_non_finite():
 
 
 def test_snapshot_restores_weights_and_optimizer_state_exactly(tiny_config):
-    from parlm.model import build_model
-    from parlm.optim import Optimizers
+    from parlm.model.gpt import build_model
+    from parlm.train.optim import Optimizers
 
     torch.manual_seed(0)
     model = build_model(tiny_config, "cpu")
@@ -203,7 +203,7 @@ def test_warmup_and_reset_match_a_run_without_warmup(pattern_config, tmp_path):
 
 
 def test_training_end_to_end_writes_outputs_and_learns(pattern_config, tmp_path):
-    from parlm.model import build_model
+    from parlm.model.gpt import build_model
 
     run_dir = tmp_path / "run"
     config = pattern_config.replace(iterations=25, val_loss_every=10, train_log_every=5)
@@ -292,8 +292,8 @@ def test_real_text_run_and_second_attempt(tiny_dataset_config, tmp_path):
 
 
 def test_out_of_memory_becomes_a_clear_error_before_training(pattern_config, tmp_path, monkeypatch):
-    from parlm import train
-    from parlm.train_state import InsufficientMemoryError
+    from parlm.train import loop as train
+    from parlm.train.state import InsufficientMemoryError
 
     def exhausted(self, step, lr_scale):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -12,7 +12,7 @@ import torch
 
 from parlm import runlog
 from parlm.dist import launch_torchrun
-from parlm.train import train_run
+from parlm.train.loop import train_run
 
 from test_train import synthetic_config
 

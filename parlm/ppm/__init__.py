@@ -6,23 +6,23 @@
   exclusion (a normalized byte distribution) for contrast.
 - `run`: the pipeline stage `ppm_run(config, run_dir)`; `python -m parlm.ppm` is the CLI;
   `plots`: figures from its outputs; `diagnostics.void_fraction`: the logged-only "compass".
-The valid token-level alternative lives in `parlm.mixture`.
+The valid token-level alternative lives in `parlm.eval.token_mixture`.
 """
-from .jit_cache import refresh_numba_cache
+from parlm.ppm.jit_cache import refresh_numba_cache
 
 refresh_numba_cache()  # before any cached kernel loads (see jit_cache)
 
-from .audit import AuditResult, audit_legacy  # noqa: E402
-from .bytestream import TokenByteLayout  # noqa: E402
-from .diagnostics import void_fraction  # noqa: E402
-from .legacy import NOT_NORMALIZED_NOTE, LegacyResult, legacy_mixture  # noqa: E402
-from .ppmd import PPMDResult, ppmd_score  # noqa: E402
+from parlm.ppm.audit import AuditResult, audit_legacy  # noqa: E402
+from parlm.ppm.bytestream import TokenByteLayout  # noqa: E402
+from parlm.ppm.diagnostics import void_fraction  # noqa: E402
+from parlm.ppm.reference_mixture import NOT_NORMALIZED_NOTE, LegacyResult, legacy_mixture  # noqa: E402
+from parlm.ppm.ppmd import PPMDResult, ppmd_score  # noqa: E402
 
 
 def ppm_run(config, run_dir, **kwargs):
     """Pipeline stage: legacy mixture over `<run_dir>/nll.npz` -> ppm.json + ppm_trace.npz
-    (`parlm.ppm.run.ppm_run`)."""
-    from .run import ppm_run as _ppm_run
+    (`parlm.ppm.stage.ppm_run`)."""
+    from parlm.ppm.stage import ppm_run as _ppm_run
 
     return _ppm_run(config, run_dir, **kwargs)
 

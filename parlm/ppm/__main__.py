@@ -21,14 +21,14 @@ import time
 
 import numpy as np
 
-from ..config import add_config_arguments, config_from_arguments
-from .bytestream import TokenByteLayout
-from .legacy import NOT_NORMALIZED_NOTE, legacy_mixture
-from .run import audit_positions, load_nll, ppm_run
+from parlm.config import add_config_arguments, config_from_arguments
+from parlm.ppm.bytestream import TokenByteLayout
+from parlm.ppm.reference_mixture import NOT_NORMALIZED_NOTE, legacy_mixture
+from parlm.ppm.stage import audit_positions, load_nll, ppm_run
 
 
 def _layout(tokenizer: str, vocab_size: int | None) -> TokenByteLayout:
-    from ..data.tokenizer import ByteTables
+    from parlm.data.tokenizer import ByteTables
 
     return TokenByteLayout.from_byte_tables(ByteTables.from_tokenizer(tokenizer, vocab_size))
 
@@ -67,7 +67,7 @@ def score(args) -> dict:
         out = result.summary()
         out["subset_tokens"] = keep
         return out
-    from .ppmd import ppmd_score
+    from parlm.ppm.ppmd import ppmd_score
 
     started = time.perf_counter()
     stream = layout.byte_stream(target, prev, nll)
@@ -81,7 +81,7 @@ def score(args) -> dict:
 
 
 def audit(args) -> dict:
-    from .audit import audit_legacy
+    from parlm.ppm.audit import audit_legacy
 
     dump = load_nll(args.npz)
     layout = _layout(args.tokenizer, args.vocab_size)

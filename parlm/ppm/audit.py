@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .byte_model import (apply_update, find_successors, insert_successors, legacy_confidence,
+from parlm.ppm.byte_model import (apply_update, find_successors, insert_successors, legacy_confidence,
                          legacy_logp, ppmd_distribution, roll_back_update, shift_window)
-from .bytestream import SPACE_BYTE, TokenByteLayout
+from parlm.ppm.bytestream import SPACE_BYTE, TokenByteLayout
 
 
 @numba.njit(cache=True, inline="always")
@@ -286,7 +286,7 @@ def audit_legacy(target, prev, nll, layout: TokenByteLayout, positions, *, token
     `token_logprobs[s, :]` is log q over the vocabulary at positions[s] (e.g. a model's
     log-softmax); None uses the NLL-consistent "spread" stand-in. Runs the legacy scorer up to
     the last position, pausing at each one."""
-    from .legacy import legacy_mixture
+    from parlm.ppm.reference_mixture import legacy_mixture
 
     positions = np.asarray(positions, dtype=np.int64)
     end = int(positions[-1]) + 1 if len(positions) else 0

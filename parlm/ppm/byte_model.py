@@ -22,7 +22,7 @@ import math
 import numba
 import numpy as np
 
-from .counts import COUNT, LOW32, TOTAL, UNIQUE_MAX, delete_last_inserted, find_or_insert, find_row
+from parlm.ppm.counts import COUNT, LOW32, TOTAL, UNIQUE_MAX, delete_last_inserted, find_or_insert, find_row
 
 UNIFORM_LOGP = math.log(1.0 / 256.0)
 

@@ -1,6 +1,6 @@
 """Plots of the PPM stage from `ppm_trace.npz` / `ppm.json` (each returns a Figure).
 
-Built on `matplotlib.figure.Figure` (no pyplot state) like `parlm.plots`. Every panel about
+Built on `matplotlib.figure.Figure` (no pyplot state) like `parlm.report.plots`. Every panel about
 the legacy mixture says it is not a normalized distribution (SPEC 6.6).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..runlog import read_json
-from .run import load_traces
+from parlm.runlog import read_json
+from parlm.ppm.stage import load_traces
 
 CHOICE_LABELS = ("λ = lambda_lo (trust PPM)", "λ = lambda_hi (trust NN)", "gate skip (λ = 1)")
 CHOICE_COLORS = ("tab:green", "tab:blue", "tab:red")

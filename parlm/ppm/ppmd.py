@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .byte_model import apply_update, insert_successors, ppmd_distribution, shift_window
-from .counts import CountTable, context_rows
+from parlm.ppm.byte_model import apply_update, insert_successors, ppmd_distribution, shift_window
+from parlm.ppm.counts import CountTable, context_rows
 
 LOG2 = math.log(2.0)
 

@@ -9,6 +9,6 @@ CLI: `python -m parlm.submission export --run-root runs/<id> --out DIR`,
 
 def export(run_root, out_dir, name=None):
     """Write the records folder of a run (see `parlm.submission.records.export`)."""
-    from .records import export as export_records
+    from parlm.submission.records import export as export_records
 
     return export_records(run_root, out_dir, name)

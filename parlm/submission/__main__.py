@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", required=True, help="file to write (never inside the parlm sources)")
     args = parser.parse_args(argv)
     if args.command == "export":
-        from .records import ExportError, export as export_records
+        from parlm.submission.records import ExportError, export as export_records
 
         try:
             summary = export_records(args.run_root, args.out, args.name)
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}: val_bpb {summary['val_bpb']} worst-case bytes_total "
               f"{summary['bytes_total']:,} (code {summary['bytes_code']:,}) of cap {summary['cap']:,}")
         return 0
-    from .build import build_submission_script, write_generated_file
+    from parlm.submission.build import build_submission_script, write_generated_file
 
     report: dict = {}
     script = build_submission_script(report=report)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import parlm
 
-from .minify import minify_modules
+from parlm.submission.minify import minify_modules
 
 PACKAGE = "parlm"
 ENTRY_MODULE = "parlm.submission.entry"
@@ -40,8 +40,8 @@ ENTRY_FUNCTION = "main"
 EXCLUDED = (
     "parlm.submission.build", "parlm.submission.minify", "parlm.submission.records",
     "parlm.submission.__main__",
-    "parlm.ppm", "parlm.mixture", "parlm.report", "parlm.plots", "parlm.quant_plots", "parlm.quant_stats",
-    "parlm.train_plots", "parlm.run", "parlm.data.corpus", "parlm.data.stdlib_docs",
+    "parlm.ppm", "parlm.eval.token_mixture", "parlm.report", "parlm.quant.plots", "parlm.quant.stats",
+    "parlm.train.plots", "parlm.model.plots", "parlm.eval.plots", "parlm.run", "parlm.data.corpus", "parlm.data.stdlib_docs",
     "parlm.data.__main__", "parlm.data.download", "parlm.reference",
 )
 
@@ -211,7 +211,7 @@ def write_generated_file(path: str | os.PathLike, data: bytes) -> Path:
     root = package_root()
     if path == root or root in path.parents:
         raise ValueError(f"refusing to write generated code to {path}: it is inside the parlm sources {root}")
-    from ..runlog import atomic_write_bytes
+    from parlm.runlog import atomic_write_bytes
 
     atomic_write_bytes(path, data)
     return path

@@ -30,9 +30,9 @@ def main(script_path: str | None = None, argv: list[str] | None = None) -> dict:
     run_dir = Path(args.run_dir or f"logs/seed_{config.seed}")
     code_bytes = os.path.getsize(script_path) if script_path else None
 
-    from parlm.eval import evaluate_run
-    from parlm.quant import quantize_run
-    from parlm.train import train_run
+    from parlm.eval.stage import evaluate_run
+    from parlm.quant.stage import quantize_run
+    from parlm.train.loop import train_run
 
     try:
         train_run(config, run_dir)

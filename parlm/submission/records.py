@@ -17,8 +17,8 @@ import json
 import math
 from pathlib import Path
 
-from ..runlog import read_json, write_json
-from .build import build_submission_script, write_generated_file
+from parlm.runlog import read_json, write_json
+from parlm.submission.build import build_submission_script, write_generated_file
 
 MANIFEST = ".parlm_export.json"
 LOG_PARTS = ("train.log", "quant.log", "eval.log")
@@ -115,7 +115,7 @@ def export(run_root, out_dir, name: str | None = None) -> dict:
     """Write the records folder of `run_root` (seed_<n> folders) into `out_dir` and return the
     submission.json dict (module docstring). Raises ExportError when a seed is unfinished or
     over the cap, or `out_dir` holds something else."""
-    from ..config import Config
+    from parlm.config import Config
 
     run_root, out_dir = Path(run_root), Path(out_dir)
     folders = [f for f in seed_folders(run_root) if (f / "quant.json").exists() or (f / "train.json").exists()]

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist
-from .artifact import ARTIFACT_NAME, OVER_CAP_NAME
-from .config import Config, compile_enabled
-from .eval import (EvalResult, WindowScorer, autocast_context, eval_val,
+from parlm import dist
+from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME
+from parlm.config import Config, compile_enabled
+from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, eval_val,
                    eval_val_sliding, plain_batch_plan, synchronize)
-from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
+from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
 
 
@@ -87,10 +87,10 @@ def evaluate_run(config: Config, run_dir) -> dict:
     `mixture_enabled`. Writes eval.json (BPB, loss, seconds per stage with compile time
     separate, per-chunk TTT numbers), nll.npz (rank 0) and metrics.jsonl records with stage
     "eval". Runs in one process or under torchrun; returns the eval.json dict."""
-    from .data.shards import load_validation_tokens
-    from .data.tokenizer import ByteTables
-    from .quant import load_quantized_model
-    from .ttt import eval_val_ttt, reduce_to_main
+    from parlm.data.shards import load_validation_tokens
+    from parlm.data.tokenizer import ByteTables
+    from parlm.quant.stage import load_quantized_model
+    from parlm.eval.ttt import eval_val_ttt, reduce_to_main
 
     run_dir = Path(run_dir)
     artifact = run_dir / ARTIFACT_NAME
@@ -150,7 +150,7 @@ def evaluate_run(config: Config, run_dir) -> dict:
     if config.ttt_enabled:
         mixture = None
         if config.mixture_enabled:
-            from .mixture import TokenNgramMixture
+            from parlm.eval.token_mixture import TokenNgramMixture
 
             mixture = TokenNgramMixture(config, val_tokens, config.vocab_size, device)
         ttt = eval_val_ttt(config, model, val_tokens, byte_tables, ctx, mixture=mixture,
@@ -191,7 +191,7 @@ def evaluate_run(config: Config, run_dir) -> dict:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from .config import add_config_arguments, config_from_arguments
+    from parlm.config import add_config_arguments, config_from_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m parlm.eval",
@@ -206,6 +206,3 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         dist.cleanup()
 
-
-if __name__ == "__main__":
-    main()

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import runlog
-from .config import ARTIFACT_CAP_BYTES
+from parlm import runlog
+from parlm.config import ARTIFACT_CAP_BYTES
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 
 # The columns of the per-seed table, in display order (valid BPBs first; the legacy PPM mixture
 # last because it is not a normalized distribution, SPEC 6.6).
@@ -193,7 +193,7 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
 def _seed_of(run_dir: Path) -> int | None:
     config_path = run_dir / "config.yaml"
     if config_path.exists():
-        from .config import Config
+        from parlm.config import Config
 
         return Config.load(config_path).seed
     name = run_dir.name
@@ -280,7 +280,7 @@ def load_baseline(baseline: str | Path) -> tuple[str, list[dict[str, Any]], set[
 
 def run_datasets(run_root: str | Path) -> set[str]:
     """The dataset names (`Config.resolved_dataset_name`) in the seeds' config.yaml files."""
-    from .config import Config
+    from parlm.config import Config
 
     return {Config.load(directory / "config.yaml").resolved_dataset_name
             for directory in seed_dirs(run_root) if (directory / "config.yaml").exists()}
@@ -351,8 +351,8 @@ def export_submission(run_root: Path, out_dir: Path) -> dict[str, Any]:
     out_dir)`. A run it refuses (unfinished seed, a seed over the cap) is recorded with the
     reason instead of failing the whole report; so is a parlm without that module."""
     try:
-        from .submission import export
-        from .submission.records import ExportError
+        from parlm.submission import export
+        from parlm.submission.records import ExportError
     except ImportError as exc:
         return {"exported": False, "reason": f"parlm.submission.export is not available ({exc})"}
     try:
@@ -409,7 +409,7 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
     table = markdown_table(summaries, stats)
     (out_dir / "table.md").write_text(table + "\n")
     if plots:
-        from . import plots as plotting
+        from parlm.report import plots as plotting
 
         # Another run of ours shares the scale; published 8xH100 figures would flatten a demo.
         overlay = base if baseline is not None and Path(str(baseline)).is_dir() else []
@@ -477,6 +477,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report written to {Path(args.out) if args.out else Path(args.run_root) / 'report'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """A valid token-level mixture: neural softmax + a count model of already-scored tokens.
 
-Unlike the legacy byte mixture (parlm.ppm.legacy, not a distribution), this defines, before
+Unlike the legacy byte mixture (parlm.ppm.reference_mixture, not a distribution), this defines, before
 token x_{p+1} is scored, one full normalized distribution over the vocabulary that depends
 only on the artifact and the strict prefix (Issue #1017 C1-C4):
 
@@ -37,8 +37,8 @@ import math
 
 import torch
 
-from . import dist
-from .config import Config, ConfigError
+from parlm import dist
+from parlm.config import Config, ConfigError
 
 
 class SortedCounts:

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from . import dist
-from .config import Config, compile_enabled
-from .eval import (EvalResult, WindowScorer, autocast_context, loss_and_bpb,
+from parlm import dist
+from parlm.config import Config, compile_enabled
+from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, loss_and_bpb,
                    plan_ttt_chunks, synchronize)
 
 

@@ -15,7 +15,7 @@ Speed notes (what differs from a literal transcription, never the function compu
   concatenated weights; parameters stay separate. Forward hooks on those linears switch the
   fusion off automatically in eager mode so activation-capturing code sees every module;
 - the two identical parameter-free norms of a parallel block are computed once;
-- attention consumes the [B, T, H, D] layout directly (see parlm.attention).
+- attention consumes the [B, T, H, D] layout directly (see parlm.model.attention).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from parlm.attention import causal_attention, select_backend
+from parlm.model.attention import causal_attention, select_backend
 from parlm.config import ROPE_PRECISIONS, Config, ConfigError
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import runlog
+from parlm import runlog
 
 
 def training_curves(run_dir: str | os.PathLike) -> dict:

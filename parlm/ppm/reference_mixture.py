@@ -30,10 +30,10 @@ from typing import Any
 import numba
 import numpy as np
 
-from .byte_model import apply_update_unjournaled as apply_update
-from .byte_model import insert_successors, legacy_logp, shift_window
-from .bytestream import TokenByteLayout
-from .counts import CAPACITY, DENSE_MAX_LENGTH, MAX_ORDER, USED, CountTable, context_rows, prefetch_successors
+from parlm.ppm.byte_model import apply_update_unjournaled as apply_update
+from parlm.ppm.byte_model import insert_successors, legacy_logp, shift_window
+from parlm.ppm.bytestream import TokenByteLayout
+from parlm.ppm.counts import CAPACITY, DENSE_MAX_LENGTH, MAX_ORDER, USED, CountTable, context_rows, prefetch_successors
 
 LOG2 = math.log(2.0)
 NOT_NORMALIZED_NOTE = (
@@ -365,7 +365,7 @@ def legacy_mixture(target, prev, nll, layout: TokenByteLayout, *, order: int = 5
         bar = tqdm(total=len(target), desc="ppm legacy", unit="tok", unit_scale=True)
     auditor = None
     if audit_positions is not None:
-        from .audit import PositionAuditor
+        from parlm.ppm.audit import PositionAuditor
 
         auditor = PositionAuditor(layout, target, prev, nll, audit_positions, audit_logprobs,
                                   order=order, lambda_hi=float(lambda_hi), lambda_lo=float(lambda_lo),

@@ -216,7 +216,7 @@ def dequantize_state(weights: dict[str, torch.Tensor], methods: dict[str, str],
 def load_quantized_model(config, path: str | os.PathLike, device: torch.device | str):
     """Rebuild the model from an artifact: `build_model(config, device)` (reference dtype
     layout), dequantised weights loaded strictly, looping on, eval mode."""
-    from .model import build_model
+    from parlm.model.gpt import build_model
 
     weights, methods = read_artifact(path)
     model = build_model(config, device)

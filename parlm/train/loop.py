@@ -6,7 +6,7 @@
 The global batch is fixed (`train_batch_tokens`); each rank runs
 grad_accum = micro_batches_per_step / world_size micro-steps per optimizer step and DDP syncs
 gradients only on the last one. The LR follows the *wall clock*, not the step count
-(`parlm.optim.lr_multiplier` of frac = elapsed / budget), because the challenge limits time:
+(`parlm.train.optim.lr_multiplier` of frac = elapsed / budget), because the challenge limits time:
 a faster step buys more steps, not a different schedule. Budget = max_wallclock_seconds minus
 the GPTQ reserve (the quantizer's Hessian pass is charged to training time); validation and
 the compile warmup are not counted. Depth recurrence switches on at frac >= enable_looping_at.
@@ -29,17 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, pipeline, runlog
-from .artifact import CHECKPOINT_NAME
-from .config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
-from .data.loader import ShuffledSequenceLoader
-from .data.shards import load_validation_tokens
-from .data.tokenizer import ByteTables
-from .eval import autocast_context, eval_val
-from .model import build_model
-from .optim import Optimizers, lr_multiplier, muon_momentum
-from .train_checks import check_inputs, clear_unfinished_attempt
-from .train_state import (DeviceFlagPoller, ExponentialMovingAverage, InsufficientMemoryError,
+from parlm import dist, pipeline, runlog
+from parlm.quant.artifact import CHECKPOINT_NAME
+from parlm.config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
+from parlm.data.loader import ShuffledSequenceLoader
+from parlm.data.shards import load_validation_tokens
+from parlm.data.tokenizer import ByteTables
+from parlm.eval.scoring import autocast_context, eval_val
+from parlm.model.gpt import build_model
+from parlm.train.optim import Optimizers, lr_multiplier, muon_momentum
+from parlm.train.checks import check_inputs, clear_unfinished_attempt
+from parlm.train.state import (DeviceFlagPoller, ExponentialMovingAverage, InsufficientMemoryError,
                           StepTimer, TrainingDiverged, TrainingSnapshot, is_out_of_memory,
                           steady_state_rate)
 
@@ -477,6 +477,3 @@ def main(argv: list[str] | None = None) -> int:
         dist.cleanup(barrier=False if failed else None)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,8 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from . import runlog
-from .artifact import read_artifact
+from parlm import runlog
+from parlm.quant.artifact import read_artifact
 
 GROUP_COLORS = {"embedding": "tab:purple", "attention": "tab:blue", "mlp": "tab:orange", "other": "tab:gray",
                 "scales": "tab:green", "passthrough": "tab:red", "header": "tab:brown", "code": "black"}

@@ -50,7 +50,7 @@ def training_curves(run_dirs: Sequence[str | Path]) -> Figure:
     so each point is labelled with its value."""
     from matplotlib.ticker import MaxNLocator
 
-    from .train_plots import training_curves as run_curves
+    from parlm.train.plots import training_curves as run_curves
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, val_ax = fig.subplots(1, 2)
@@ -126,7 +126,7 @@ def save_report_plots(run_root: str | Path, summaries: Sequence[dict[str, Any]],
                       out_dir: str | Path, baseline: Sequence[dict[str, Any]] = (),
                       baseline_label: str = "baseline") -> dict[str, str]:
     """Write the three report figures into `out_dir`; return {name: png path}."""
-    from .report import seed_dirs
+    from parlm.report.summary import seed_dirs
 
     out_dir = Path(out_dir)
     return {

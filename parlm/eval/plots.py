@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import runlog
+from parlm import runlog
 
 STAGES = (("prequant", "pre-quant (EMA)"), ("quantized", "quantized"), ("sliding", "sliding window"),
           ("ttt", "score-first TTT"), ("mix_valid", "TTT + valid mixture"))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
-from .config import ARTIFACT_CAP_BYTES
-from .gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
-from .runlog import RunLogger, atomic_write_bytes, read_json, write_json
+from parlm import dist
+from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
+from parlm.config import ARTIFACT_CAP_BYTES
+from parlm.quant.gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
+from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
 CODE_NAME = "submission_train_gpt.py"
 
@@ -50,7 +50,7 @@ def _synchronize(device: torch.device) -> None:
 def calibration_batches(config, device: torch.device, world_size: int):
     """The first `gptq_calibration_batches` training micro-batches of rank 0 (inputs only),
     from a fresh loader over the training shards, as in training with `world_size` ranks."""
-    from .data.loader import ShuffledSequenceLoader
+    from parlm.data.loader import ShuffledSequenceLoader
 
     loader = ShuffledSequenceLoader(config, 0, world_size, device)
     accumulation = config.grad_accum_steps(world_size)
@@ -81,7 +81,7 @@ def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[s
 def generated_code_bytes(run_dir: Path) -> tuple[int, str]:
     """Build the submission script from the installed package, write it to
     `<run_dir>/submission_train_gpt.py` and return (its size in bytes, its sha256)."""
-    from .submission.build import build_submission_script, write_generated_file
+    from parlm.submission.build import build_submission_script, write_generated_file
 
     script = build_submission_script()
     write_generated_file(run_dir / CODE_NAME, script)
@@ -96,7 +96,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
 
     `code_bytes` is the size of the code to count; by default the generated submission script
     is built and counted (the exported script passes its own size). `statistics` adds the
-    per-tensor errors, scales and codes of `parlm.quant_stats` (the exported script skips
+    per-tensor errors, scales and codes of `parlm.quant.stats` (the exported script skips
     them). One process does the work; under torchrun call it on rank 0 only."""
     run_dir = Path(run_dir)
     checkpoint = run_dir / CHECKPOINT_NAME
@@ -110,7 +110,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     world_size = int(train_info.get("world_size", 1))
 
     started = time.perf_counter()
-    from .model import build_model
+    from parlm.model.gpt import build_model
 
     state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = build_model(config, device)
@@ -165,7 +165,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
 
     per_tensor = None
     if statistics:
-        from .quant_stats import tensor_statistics
+        from parlm.quant.stats import tensor_statistics
 
         per_tensor = tensor_statistics(state_dict, weights, methods, hessians, device)
     result = {
@@ -191,7 +191,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from .config import add_config_arguments, config_from_arguments
+    from parlm.config import add_config_arguments, config_from_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m parlm.quant",
@@ -202,6 +202,3 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quantize_run(config_from_arguments(args, args.run_dir), args.run_dir)
 
-
-if __name__ == "__main__":
-    main()

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ARTIFACT_NAME, CHECKPOINT_NAME
-from ..runlog import RunLogger, atomic_write_bytes, read_json, write_json
-from .bytestream import TokenByteLayout
-from .diagnostics import void_fraction
-from .legacy import legacy_mixture
+from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME
+from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
+from parlm.ppm.bytestream import TokenByteLayout
+from parlm.ppm.diagnostics import void_fraction
+from parlm.ppm.reference_mixture import legacy_mixture
 
 LOG2 = math.log(2.0)
 
@@ -55,9 +55,9 @@ def model_logprobs(config, run_dir, positions: np.ndarray, device="cpu") -> np.n
     quantized artifact with plain context (the last eval_seq_len tokens; not TTT-adapted)."""
     import torch
 
-    from ..data.shards import load_validation_tokens
-    from ..eval import autocast_context
-    from ..quant import load_quantized_model
+    from parlm.data.shards import load_validation_tokens
+    from parlm.eval.scoring import autocast_context
+    from parlm.quant.stage import load_quantized_model
 
     device = torch.device(device)
     model = load_quantized_model(config, Path(run_dir) / ARTIFACT_NAME, device)
@@ -99,7 +99,7 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
         write_json(run_dir / "ppm.json", out)
         return out
     dump = load_nll(run_dir / "nll.npz")
-    from ..data.tokenizer import ByteTables
+    from parlm.data.tokenizer import ByteTables
 
     layout = TokenByteLayout.from_byte_tables(
         ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size))
@@ -113,7 +113,7 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
         neural = "model" if (run_dir / ARTIFACT_NAME).exists() else "spread"
     logprobs = None
     if neural == "model" and len(positions):
-        from ..dist import resolve_device
+        from parlm.dist import resolve_device
 
         logprobs = model_logprobs(config, run_dir, positions, resolve_device(config.device))
     if (run_dir / "ppm.json").exists():

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
-from parlm.model import GPT, is_control_tensor, skip_connections
+from parlm.model.gpt import GPT, is_control_tensor, skip_connections
 
 
 def parameter_table(model: GPT, control_patterns) -> list[dict]:

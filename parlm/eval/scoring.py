@@ -8,9 +8,9 @@ tokens stand for (SPEC 1.6-1.7):
     val_bpb  = sum(NLL nats) / (ln 2 * sum(bytes(target | prev)))
 
 Sums are float64 and all-reduced across ranks; bytes come from the one byte counter,
-`ByteTables.count_bytes`. Score-first TTT (SPEC 5.3) lives in `parlm.ttt`; `evaluate_run`
+`ByteTables.count_bytes`. Score-first TTT (SPEC 5.3) lives in `parlm.eval.ttt`; `evaluate_run`
 (the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is implemented in
-`parlm.eval_run`.
+`parlm.eval.stage`.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dist
-from .config import Config, compile_enabled
+from parlm import dist
+from parlm.config import Config, compile_enabled
 
 LN2 = math.log(2.0)
 
@@ -343,20 +343,3 @@ def eval_val_sliding(config: Config, model, val_tokens: torch.Tensor, byte_table
     nll_sum, tokens, nbytes = (float(v) for v in sums.tolist())
     loss, bpb = loss_and_bpb(nll_sum, tokens, nbytes)
     return EvalResult(loss=loss, bpb=bpb, tokens=tokens, bytes=nbytes, seconds=seconds)
-
-
-# ----------------------------------------------------------------------------------------
-# The pipeline's "eval" stage (implemented in parlm.eval_run)
-
-def evaluate_run(config: Config, run_dir) -> dict:
-    """Evaluate a run folder's artifact (plain, sliding, score-first TTT); writes eval.json,
-    nll.npz and metrics records. See `parlm.eval_run.evaluate_run`."""
-    from .eval_run import evaluate_run as run
-
-    return run(config, run_dir)
-
-
-if __name__ == "__main__":
-    from .eval_run import main
-
-    main()

@@ -20,7 +20,7 @@ import torch
 
 from parlm import dist as parlm_dist
 from parlm.config import Config, compile_enabled
-from parlm.model import GPT, is_control_tensor
+from parlm.model.gpt import GPT, is_control_tensor
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ROW_NORM_FLOOR = 1e-7

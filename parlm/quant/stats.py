@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .artifact import dequantize_state
+from parlm.quant.artifact import dequantize_state
 
 
 @torch.no_grad()
@@ -51,12 +51,12 @@ def bpb_before_after(config, run_dir, reuse_prequant: bool = True) -> dict:
     the same weights, run at the end of training) when present."""
     from pathlib import Path
 
-    from . import dist, runlog
-    from .data.shards import load_validation_tokens
-    from .data.tokenizer import ByteTables
-    from .eval import eval_val
-    from .model import build_model
-    from .quant import ARTIFACT_NAME, CHECKPOINT_NAME, load_quantized_model
+    from parlm import dist, runlog
+    from parlm.data.shards import load_validation_tokens
+    from parlm.data.tokenizer import ByteTables
+    from parlm.eval.scoring import eval_val
+    from parlm.model.gpt import build_model
+    from parlm.quant.stage import ARTIFACT_NAME, CHECKPOINT_NAME, load_quantized_model
 
     run_dir = Path(run_dir)
     ctx = dist.init_distributed(config.device)

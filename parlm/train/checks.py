@@ -8,9 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from . import runlog
-from .artifact import CHECKPOINT_NAME
-from .config import Config, ConfigError
+from parlm import runlog
+from parlm.quant.artifact import CHECKPOINT_NAME
+from parlm.config import Config, ConfigError
 
 TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)
 
@@ -18,7 +18,7 @@ TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)
 def check_inputs(config: Config, world_size: int) -> int:
     """Fail before any training when the run cannot work: the config (`validate`), the data
     (train and val shards, tokenizer) and the validation batch. Returns the train shard count."""
-    from .data.tokenizer import load_tokenizer
+    from parlm.data.tokenizer import load_tokenizer
 
     config.validate(world_size)
     train_files = sorted(glob.glob(config.train_files))
@@ -43,7 +43,7 @@ def missing_data_message(config: Config) -> str:
     """What is missing from the config's dataset and the command that creates it."""
     name = config.resolved_dataset_name
     if not name.startswith("stdlib_docs"):
-        from .data.corpus import ensure_dataset
+        from parlm.data.corpus import ensure_dataset
 
         try:  # for these datasets ensure_dataset only checks, and names the command
             ensure_dataset(config)
