@@ -16,23 +16,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parlm.config import Config, parse_overrides  # noqa: E402
 from parlm.model.gpt import build_model  # noqa: E402
 from parlm.train.optim import Optimizers, muon_momentum  # noqa: E402
 from parlm.train.loop import configure_cuda_math  # noqa: E402
 
-
-def categorize(name: str) -> str:
-    low = name.lower()
-    if "gemm" in low or "sm90_xmma" in low or "cutlass" in low or "nvjet" in low or "matmul" in low:
-        return "matmul"
-    if "fmha" in low or "flash" in low or "attention" in low or "cudnn" in low:
-        return "attention"
-    if "triton" in low:
-        return "triton (fused elementwise/reductions)"
-    if "nccl" in low:
-        return "communication"
-    return "other"
+from kernel_breakdown import categorize  # noqa: E402
 
 
 def main() -> int:

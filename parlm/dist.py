@@ -169,11 +169,65 @@ def contiguous_share(n_items: int, rank: int, world_size: int) -> tuple[int, int
     return n_items * rank // world_size, n_items * (rank + 1) // world_size
 
 
-def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True) -> None:
-    """Run `python -m torch.distributed.run --standalone --nproc_per_node=nproc -m module args`,
-    streaming its output line by line; raise RuntimeError with the output tail on failure.
+@dataclass(frozen=True)
+class NodeTopology:
+    """Where this machine sits in a torchrun job of one or more nodes (torchrun's own options).
+
+    One node (the default) runs `--standalone`. Several nodes need the same `nnodes` on every
+    node, each its own `node_rank`, and one rendezvous: either a static master
+    (`master_addr`/`master_port`, node 0's address) or a c10d rendezvous endpoint
+    (`rdzv_endpoint`, "host:port", with `rdzv_id` naming the job)."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "parlm"
+
+    def __post_init__(self):
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be in [0, nnodes={self.nnodes})")
+        if self.nnodes > 1 and not (self.rdzv_endpoint or self.master_addr):
+            raise ValueError(f"{self.nnodes} nodes need a rendezvous: --rdzv-endpoint HOST:PORT "
+                             f"or --master-addr HOST [--master-port PORT]")
+
+    def torchrun_arguments(self) -> list[str]:
+        """The torchrun options of this topology (before `--nproc_per_node`)."""
+        if self.nnodes == 1 and not (self.rdzv_endpoint or self.master_addr):
+            return ["--standalone"]
+        options = [f"--nnodes={self.nnodes}"]
+        if self.rdzv_endpoint:
+            return options + ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+                              f"--rdzv-id={self.rdzv_id}"]
+        options += [f"--node-rank={self.node_rank}", f"--master-addr={self.master_addr}"]
+        return options + ([f"--master-port={self.master_port}"] if self.master_port else [])
+
+
+def add_topology_arguments(parser) -> None:
+    """torchrun's multi-node options on an argparse parser (see NodeTopology)."""
+    group = parser.add_argument_group("several nodes (torchrun)")
+    group.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
+    group.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    group.add_argument("--master-addr", default=None, help="node 0's address (static rendezvous)")
+    group.add_argument("--master-port", type=int, default=None, help="node 0's port (static rendezvous)")
+    group.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of a c10d rendezvous")
+    group.add_argument("--rdzv-id", default="parlm", help="job id of the c10d rendezvous")
+
+
+def topology_from_arguments(args) -> NodeTopology:
+    """The NodeTopology of parsed `add_topology_arguments` options."""
+    return NodeTopology(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                        master_port=args.master_port, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
+
+
+def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True,
+                    topology: NodeTopology | None = None) -> None:
+    """Run `python -m torch.distributed.run <topology> --nproc_per_node=nproc -m module args`
+    (`--standalone` on one node), streaming its output line by line; raise RuntimeError with the
+    output tail on failure.
 
     NVLink multicast stays off (NCCL_NVLS_ENABLE=0) unless the caller's environment sets it."""
+    topology = topology or NodeTopology()
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -181,7 +235,7 @@ def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True)
     # Spinning OpenMP workers of several CPU ranks starve each other on small machines.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *topology.torchrun_arguments(),
            f"--nproc_per_node={nproc}", "-m", module, *args]
     stream_subprocess(cmd, env, echo)
 
