@@ -3,6 +3,10 @@
 Defaults equal the reference defaults of PR #1858 (SPEC Appendix A), so `Config()` is the
 record configuration. Presets (`parlm/presets/*.yaml`), YAML files, CLI flags and papermill
 parameters override it; nothing deep in the package reads environment variables.
+
+Every Config is checked when it is made (`Config.__post_init__`): each field's type and the
+range or choices FIELD_RULES declares for it, then CROSS_FIELD_RULES; one ConfigError lists
+every problem, one line each naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -583,6 +587,8 @@ def _coerce(name: str, value: Any) -> Any:
             except ValueError:
                 return value
         return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads `run_id: 20240101` as a number
     return value
 
 
