@@ -66,7 +66,8 @@ def rebuild_fix(run_dir: str | os.PathLike) -> str:
     """How to remake a run folder's artifact from its final_model.pt."""
     run_dir = Path(run_dir)
     return (f"rebuild it: delete {run_dir / '.stages' / 'quant.done'} and resume the run with the same "
-            f"--run-id (quant and the stages after it rerun), or run `python -m parlm.quant --run-dir {run_dir}`")
+            f"--run-id (quant and the stages after it rerun), or run `python -m parlm.quant --run-dir "
+            f"{run_dir}` and then the stages after it")
 
 
 def retrain_fix(run_dir: str | os.PathLike) -> str:
