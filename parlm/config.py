@@ -3,15 +3,20 @@
 Defaults equal the reference defaults of PR #1858 (SPEC Appendix A), so `Config()` is the
 record configuration. Presets (`parlm/presets/*.yaml`), YAML files, CLI flags and papermill
 parameters override it; nothing deep in the package reads environment variables.
+
+Every Config is checked when it is made (`Config.__post_init__`): each field's type and the
+range or choices FIELD_RULES declares for it, then CROSS_FIELD_RULES; one ConfigError lists
+every problem, one line each naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import yaml
 
@@ -32,7 +37,20 @@ REFERENCE_CONTROL_TENSOR_NAME_PATTERNS = (
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
+    """A configuration that cannot run; the message says what to change.
+
+    `problems` holds one line per fault (key, value, what is allowed); the message is that line
+    when there is one, else a count followed by the lines."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems) or [message]
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[str]) -> "ConfigError":
+        if len(problems) == 1:
+            return cls(problems[0], problems)
+        return cls(f"{len(problems)} config problems:\n  " + "\n  ".join(problems), problems)
 
 
 @dataclass
@@ -216,9 +234,33 @@ class Config:
         return 1000.0 * (self.max_wallclock_seconds - self.gptq_reserve_seconds)
 
     # ------------------------------------------------------------------------------------
-    # Validation
+    # Validation: FIELD_RULES and CROSS_FIELD_RULES below declare what each value may be.
+    def __post_init__(self) -> None:
+        """Coerce field values to their declared types (CLI strings, YAML ints for floats) and
+        raise one ConfigError listing every problem, so no invalid Config exists."""
+        for name in FIELD_TYPES:
+            setattr(self, name, _coerce(name, getattr(self, name)))
+        problems = self.problems()
+        if problems:
+            raise ConfigError.from_problems(problems)
+
+    def problems(self) -> list[str]:
+        """One line per violated rule: the type and range of each field (FIELD_RULES), then the
+        rules between fields (CROSS_FIELD_RULES) whose fields are each valid on their own."""
+        found, bad = [], set()
+        for name, kind in FIELD_TYPES.items():
+            problem = _field_problem(name, kind, getattr(self, name))
+            if problem:
+                found.append(problem)
+                bad.add(name)
+        for rule in CROSS_FIELD_RULES:
+            if not bad.intersection(rule.keys) and not rule.holds(self):
+                found.append(rule.explain(self))
+        return found
+
     def check_world_size(self, world_size: int) -> None:
-        """Raise ConfigError unless world_size divides the micro-batches and the batch splits."""
+        """Raise ConfigError unless world_size divides micro_batches_per_step (each rank then
+        runs micro_batches_per_step // world_size whole micro-batches per step)."""
         if world_size <= 0:
             raise ConfigError(f"world size must be positive, got {world_size}")
         if self.micro_batches_per_step % world_size != 0:
@@ -228,13 +270,6 @@ class Config:
                 f"world size {world_size} does not divide micro_batches_per_step="
                 f"{self.micro_batches_per_step}; use --nproc in {divisors} or set "
                 f"micro_batches_per_step to a multiple of {world_size}")
-        per_rank = self.train_batch_tokens // self.micro_batches_per_step
-        if self.train_batch_tokens % self.micro_batches_per_step or per_rank % self.train_seq_len:
-            raise ConfigError(
-                f"train_batch_tokens={self.train_batch_tokens} must split into "
-                f"micro_batches_per_step={self.micro_batches_per_step} micro-batches of whole "
-                f"train_seq_len={self.train_seq_len} sequences; choose a multiple of "
-                f"{self.micro_batches_per_step * self.train_seq_len}")
 
     def check_vocab(self, tokenizer_vocab_size: int) -> None:
         """Raise ConfigError when the tokenizer's vocabulary differs from `vocab_size`."""
@@ -245,53 +280,18 @@ class Config:
                 f"{self.vocab_size}-piece model")
 
     def validate(self, world_size: int | None = None, tokenizer_vocab_size: int | None = None) -> "Config":
-        """Check every invariant the stages rely on; return self so calls can chain."""
-        choices = {
-            "device": ("auto", "cuda", "cpu"),
-            "compile": ("auto", "on", "off"),
-            "attention_backend": ("auto", "fa3", "fa4", "cudnn", "flash", "efficient", "math"),
-            "data_order": ("seed_and_rank", "rank"),
-            "rope_precision": ROPE_PRECISIONS,
-            "compressor": ("brotli", "lzma"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.model_dim % self.num_heads:
-            raise ConfigError(f"model_dim={self.model_dim} must be divisible by num_heads={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if head_dim % 2 or self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise ConfigError(f"rope_dims={self.rope_dims} must be even and <= head_dim={head_dim} (even)")
-        if self.embedding_dim != self.model_dim:
-            raise ConfigError("embedding_dim must equal model_dim (parlm has no embed/head projections)")
-        if not self.tie_embeddings:
-            raise ConfigError("tie_embeddings=False is not supported; the reference ties them")
-        if self.num_loops > 0 and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
-            raise ConfigError(
-                f"loop_start={self.loop_start}..loop_end={self.loop_end} must lie inside "
-                f"0..num_layers-1={self.num_layers - 1}")
-        if not 0.0 <= self.warmdown_frac <= 1.0 or not 0.0 <= self.enable_looping_at <= 1.0:
-            raise ConfigError("warmdown_frac and enable_looping_at are fractions in [0, 1]")
-        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
-            raise ConfigError(
-                f"gptq_reserve_seconds={self.gptq_reserve_seconds} leaves no training time out of "
-                f"max_wallclock_seconds={self.max_wallclock_seconds}")
-        if self.eval_stride <= 0 or self.eval_stride > self.eval_seq_len:
-            raise ConfigError(f"eval_stride={self.eval_stride} must be in 1..eval_seq_len={self.eval_seq_len}")
-        if self.ttt_chunk_tokens % self.eval_stride:
-            raise ConfigError(
-                f"ttt_chunk_tokens={self.ttt_chunk_tokens} must be a multiple of eval_stride="
-                f"{self.eval_stride} so each chunk scores whole stride blocks")
-        if not 2 <= self.matrix_bits <= 8 or not 2 <= self.embed_bits <= 8:
-            raise ConfigError("matrix_bits and embed_bits must be in 2..8 (int8 containers)")
-        if self.vocab_size > 65536:
-            raise ConfigError("vocab_size must fit uint16 shards (<= 65536)")
-        if world_size is not None:
-            self.check_world_size(world_size)
-        if tokenizer_vocab_size is not None:
-            self.check_vocab(tokenizer_vocab_size)
+        """Check every rule again (a field may have been assigned since construction), plus the
+        world size and the tokenizer's vocabulary when given; one ConfigError lists every
+        problem. Returns self so calls can chain."""
+        problems = self.problems()
+        for check, argument in ((self.check_world_size, world_size), (self.check_vocab, tokenizer_vocab_size)):
+            if argument is not None:
+                try:
+                    check(argument)
+                except ConfigError as error:
+                    problems.append(str(error))
+        if problems:
+            raise ConfigError.from_problems(problems)
         return self
 
     # ------------------------------------------------------------------------------------
@@ -344,32 +344,268 @@ class Config:
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 
 
+# ----------------------------------------------------------------------------------------------
+# What each field may be. Config.__post_init__ checks every field's type (floats also finite),
+# then FIELD_RULES, then CROSS_FIELD_RULES, and raises one ConfigError listing each problem.
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a field accepts beyond its type: numbers from `low` to `high` (None:
+    unbounded; `low_open`/`high_open`: that end excluded), or else one of `choices`. `note`
+    says what special values mean."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    note: str = ""
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, kind: str) -> str:
+        """E.g. "an integer >= 1 (0 = never)", "a finite number in [0, 1)", "one of 'a', 'b'"."""
+        if self.choices:
+            text = "one of " + ", ".join(repr(choice) for choice in self.choices)
+        elif self.low is not None and self.high is not None:
+            text = (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, "
+                    f"{self.high:g}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = kind
+        return f"{text} ({self.note})" if self.note else text
+
+
+def at_least(low: float, note: str = "") -> Allowed:
+    return Allowed(low=low, note=note)
+
+
+def above(low: float, note: str = "") -> Allowed:
+    return Allowed(low=low, low_open=True, note=note)
+
+
+def within(low: float, high: float, high_open: bool = False, note: str = "") -> Allowed:
+    return Allowed(low=low, high=high, high_open=high_open, note=note)
+
+
+def one_of(*choices: Any, note: str = "") -> Allowed:
+    return Allowed(choices=choices, note=note)
+
+
+FRACTION = within(0.0, 1.0)
+DECAY = within(0.0, 1.0, high_open=True)  # momenta, betas and the EMA: 1 would never move
+RATE = at_least(0.0)  # learning rates and weight decays (0 freezes / disables)
+COUNT = at_least(1)
+ATTENTION_BACKENDS = ("auto", "fa3", "fa4", "cudnn", "flash", "efficient", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Fields absent here only need their type (and, for floats, a finite value).
+FIELD_RULES: dict[str, Allowed] = {
+    # ---- run and data
+    "seed": at_least(0, "the data sampler's PCG64 takes non-negative seeds"),
+    "device": one_of("auto", "cuda", "cpu"),
+    "compile": one_of("auto", "on", "off"),
+    "attention_backend": one_of(*ATTENTION_BACKENDS),
+    "rope_precision": one_of(*ROPE_PRECISIONS),
+    "data_order": one_of("seed_and_rank", "rank"),
+    "micro_batches_per_step": COUNT,
+    "val_max_tokens": at_least(0, "0 = the whole validation stream"),
+    # ---- training
+    "iterations": COUNT,
+    "warmdown_frac": FRACTION,
+    "warmup_steps": at_least(0),
+    "train_batch_tokens": COUNT,
+    "train_seq_len": COUNT,
+    "train_log_every": at_least(0, "0 = never"),
+    "max_wallclock_seconds": at_least(0.0, "0 = no limit"),
+    "val_batch_tokens": COUNT,
+    "eval_seq_len": COUNT,
+    "val_loss_every": at_least(0, "0 = only at the end"),
+    # ---- model
+    "vocab_size": within(2, 65536, note="token ids are stored as uint16"),
+    "num_layers": COUNT,
+    "xsa_last_n": at_least(0),
+    "model_dim": COUNT,
+    "embedding_dim": COUNT,
+    "num_heads": COUNT,
+    "num_kv_heads": COUNT,
+    "mlp_mult": above(0.0),
+    "tie_embeddings": one_of(True, note="the reference ties them; untied heads are not implemented"),
+    "logit_softcap": above(0.0),
+    "rope_base": above(0.0),
+    "rope_dims": at_least(0),
+    "rope_train_seq_len": COUNT,
+    "num_loops": at_least(0, "0 = no recurrence"),
+    "loop_start": at_least(0),
+    "loop_end": at_least(0),
+    "enable_looping_at": FRACTION,
+    # ---- optimizers
+    "min_lr": FRACTION,
+    "embed_lr": RATE, "head_lr": RATE, "tied_embed_lr": RATE, "matrix_lr": RATE, "scalar_lr": RATE,
+    "tied_embed_init_std": at_least(0.0),
+    "muon_momentum": DECAY,
+    "muon_backend_steps": COUNT,
+    "muon_momentum_warmup_start": DECAY,
+    "muon_momentum_warmup_steps": at_least(0, "0 = no warmup"),
+    "beta1": DECAY, "beta2": DECAY, "muon_beta2": DECAY,
+    "adam_eps": above(0.0),
+    "grad_clip_norm": at_least(0.0, "0 = no clipping"),
+    "adam_wd": RATE, "muon_wd": RATE, "embed_wd": RATE,
+    "ema_decay": DECAY,
+    # ---- evaluation and TTT
+    "eval_stride": COUNT,
+    "eval_batch_seqs": COUNT,
+    "ttt_lr": RATE,
+    "ttt_epochs": at_least(0, "0 = score only"),
+    "ttt_momentum": DECAY,
+    "ttt_chunk_tokens": COUNT,
+    "ttt_batch_seqs": COUNT,
+    "ttt_grad_clip_norm": above(0.0),
+    "eval_compile_mode": one_of(*COMPILE_MODES),
+    # ---- quantization and artifact
+    "compressor": one_of("brotli", "lzma"),
+    "gptq_calibration_batches": COUNT,
+    "gptq_reserve_seconds": at_least(0.0),
+    "matrix_bits": within(2, 8, note="codes are stored in int8"),
+    "embed_bits": within(2, 8, note="codes are stored in int8"),
+    "matrix_clip_sigmas": above(0.0),
+    "embed_clip_sigmas": above(0.0),
+    "gptq_block_size": COUNT,
+    "gptq_damping": at_least(0.0),
+    "artifact_cap_bytes": COUNT,
+    "quant_passthrough_max_numel": at_least(0),
+    # ---- PPM byte mixture
+    "ppm_order": COUNT,
+    "ppm_lambda_hi": FRACTION,
+    "ppm_lambda_lo": FRACTION,
+    "ppm_conf_threshold": FRACTION,
+    "ppm_anti_hijack_nats": at_least(0.0),
+    # ---- valid token mixture
+    "mixture_order": at_least(0),
+    "mixture_lambda_init": FRACTION,
+    "mixture_gate_prior": at_least(0.0),
+    "mixture_gate_bins": COUNT,
+}
+
+
+class CrossFieldRule(NamedTuple):
+    """A rule between fields: checked only when each of `keys` is valid on its own;
+    `explain` gives the one-line problem (values and the fix) when `holds` is False."""
+
+    keys: tuple[str, ...]
+    holds: Callable[[Config], bool]
+    explain: Callable[[Config], str]
+
+
+def _key_bits(vocab_size: int) -> int:
+    return max(1, (vocab_size - 1).bit_length())
+
+
+CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(("model_dim", "num_heads"), lambda c: c.model_dim % c.num_heads == 0,
+                   lambda c: f"model_dim={c.model_dim} must be a multiple of num_heads={c.num_heads}"),
+    CrossFieldRule(("num_heads", "num_kv_heads"), lambda c: c.num_heads % c.num_kv_heads == 0,
+                   lambda c: f"num_heads={c.num_heads} must be a multiple of num_kv_heads={c.num_kv_heads}"),
+    CrossFieldRule(("model_dim", "num_heads", "rope_dims"),
+                   lambda c: (c.model_dim // c.num_heads) % 2 == 0 and c.rope_dims % 2 == 0
+                   and c.rope_dims <= c.model_dim // c.num_heads,
+                   lambda c: f"rope_dims={c.rope_dims} must be even and <= head_dim=model_dim/num_heads="
+                             f"{c.model_dim // c.num_heads}, which must be even"),
+    CrossFieldRule(("embedding_dim", "model_dim"), lambda c: c.embedding_dim == c.model_dim,
+                   lambda c: f"embedding_dim={c.embedding_dim} must equal model_dim={c.model_dim} "
+                             f"(parlm has no embedding/head projections)"),
+    CrossFieldRule(("num_loops", "loop_start", "loop_end", "num_layers"),
+                   lambda c: c.num_loops == 0 or c.loop_start <= c.loop_end < c.num_layers,
+                   lambda c: f"loop_start={c.loop_start}..loop_end={c.loop_end} must be an ordered range "
+                             f"inside 0..num_layers-1={c.num_layers - 1} (or num_loops=0)"),
+    CrossFieldRule(("train_batch_tokens", "micro_batches_per_step", "train_seq_len"),
+                   lambda c: c.train_batch_tokens % (c.micro_batches_per_step * c.train_seq_len) == 0,
+                   lambda c: f"train_batch_tokens={c.train_batch_tokens} must split into "
+                             f"micro_batches_per_step={c.micro_batches_per_step} micro-batches of whole "
+                             f"train_seq_len={c.train_seq_len} sequences; choose a multiple of "
+                             f"{c.micro_batches_per_step * c.train_seq_len}"),
+    CrossFieldRule(("val_batch_tokens", "micro_batches_per_step", "eval_seq_len"),
+                   lambda c: c.val_batch_tokens >= c.micro_batches_per_step * c.eval_seq_len,
+                   lambda c: f"val_batch_tokens={c.val_batch_tokens} must hold at least one "
+                             f"eval_seq_len={c.eval_seq_len} sequence per micro-batch "
+                             f"(micro_batches_per_step={c.micro_batches_per_step}): at least "
+                             f"{c.micro_batches_per_step * c.eval_seq_len}"),
+    CrossFieldRule(("eval_stride", "eval_seq_len"), lambda c: c.eval_stride <= c.eval_seq_len,
+                   lambda c: f"eval_stride={c.eval_stride} must be in 1..eval_seq_len={c.eval_seq_len}"),
+    CrossFieldRule(("ttt_chunk_tokens", "eval_stride"), lambda c: c.ttt_chunk_tokens % c.eval_stride == 0,
+                   lambda c: f"ttt_chunk_tokens={c.ttt_chunk_tokens} must be a multiple of eval_stride="
+                             f"{c.eval_stride} so each chunk scores whole stride blocks"),
+    CrossFieldRule(("max_wallclock_seconds", "gptq_reserve_seconds"),
+                   lambda c: c.max_wallclock_seconds == 0 or c.gptq_reserve_seconds < c.max_wallclock_seconds,
+                   lambda c: f"gptq_reserve_seconds={c.gptq_reserve_seconds} leaves no training time out of "
+                             f"max_wallclock_seconds={c.max_wallclock_seconds}"),
+    CrossFieldRule(("mixture_enabled", "mixture_order", "vocab_size"),
+                   lambda c: not c.mixture_enabled or (c.mixture_order + 1) * _key_bits(c.vocab_size) <= 63,
+                   lambda c: f"mixture_order={c.mixture_order} with vocab_size={c.vocab_size} needs "
+                             f"{(c.mixture_order + 1) * _key_bits(c.vocab_size)} bits per exact int64 "
+                             f"context key; use mixture_order <= {63 // _key_bits(c.vocab_size) - 1}"),
+)
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """Convert `value` (YAML value or CLI string) to the declared type of field `name`."""
+    """`value` (YAML value or CLI string) converted to the declared type of field `name` where
+    that loses nothing ("3" -> 3, 2.0 -> 2, 3 -> 3.0, "on" -> True); anything else is returned
+    unchanged for the validation pass to report. An unknown name raises ConfigError."""
     if name not in FIELD_TYPES:
         close = difflib.get_close_matches(name, FIELD_TYPES, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown config key {name!r}{hint}")
     kind = FIELD_TYPES[name]
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} is not a valid {kind}") from None
+    if kind == "bool":
+        if isinstance(value, str):
+            return BOOL_WORDS.get(value.strip().lower(), value)
+        return bool(value) if isinstance(value, int) and value in (0, 1) else value
+    if kind == "int":
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+    if kind == "float":
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads `run_id: 20240101` as a number
+    return value
+
+
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
+KIND_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+
+
+def _field_problem(name: str, kind: str, value: Any) -> str | None:
+    """The one-line problem of one field's value (type, finiteness, FIELD_RULES), or None."""
+    rule = FIELD_RULES.get(name, Allowed())
+    typed = {"int": isinstance(value, int) and not isinstance(value, bool),
+             "float": isinstance(value, float) and math.isfinite(value),
+             "bool": isinstance(value, bool), "str": isinstance(value, str)}[kind]
+    if typed and rule.admits(value):
+        return None
+    return f"{name}={value!r}: must be {rule.describe(KIND_WORDS[kind])}"
 
 
 def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -384,13 +620,22 @@ def compile_enabled(config: Config, device) -> bool:
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """Parse CLI `key=value` strings into a checked, typed override dict."""
+    """Parse CLI `key=value` strings into an override dict with known keys, values converted to
+    the field types where possible (the Config they build checks the values). One ConfigError
+    lists every malformed pair and unknown key."""
     out: dict[str, Any] = {}
+    problems = []
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"override {pair!r} must look like key=value")
+            problems.append(f"override {pair!r} must look like key=value")
+            continue
         key, value = pair.split("=", 1)
-        out[key.strip()] = _coerce(key.strip(), value)
+        try:
+            out[key.strip()] = _coerce(key.strip(), value)
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError.from_problems(problems)
     return out
 
 

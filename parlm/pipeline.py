@@ -13,6 +13,7 @@ from pathlib import Path
 
 from parlm import runlog
 from parlm.config import Config, ConfigError
+from parlm.quant.artifact import invalidate_stale_stages
 
 STAGES = ("data", "train", "quant", "eval", "ppm", "summary")
 # Stages that use every GPU through torchrun when nproc > 1.
@@ -53,6 +54,7 @@ def prepare_run(config: Config, run_dir: str | os.PathLike) -> Config:
             raise ConfigError(
                 f"{path} already holds a different config ({lines}); use a new run id or "
                 f"delete the folder to start over")
+        invalidate_stale_stages(run_dir, STAGES)  # a damaged artifact: the stages after train rerun
         if allowed:
             existing = existing.replace(**{k: new for k, (_, new) in allowed.items()})
             existing.save(path)

@@ -317,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        parse_overrides(args.overrides)
-        Config.from_preset(args.preset)
+        # The whole resolved config, every seed and the world size, before runs/<id> exists.
+        config = Config.from_preset(args.preset, parse_overrides(args.overrides)).validate(world_size=args.nproc)
+        for seed in args.seeds:
+            config.replace(seed=seed)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

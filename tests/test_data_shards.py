@@ -64,7 +64,9 @@ def test_token_id_outside_vocab(tmp_path):
     validate_shard(path)  # header alone is fine
     with pytest.raises(ShardError) as info:
         validate_shard(path, vocab_size=1024)
-    assert str(info.value) == f"{path}: token id 1024 at position 3 >= vocab_size 1024"
+    assert str(info.value) == (f"{path}: token id 1024 at position 3 >= vocab_size 1024 (max id 1024); "
+                               f"the shard comes from a larger vocabulary: use its tokenizer and "
+                               f"vocab_size, or rebuild the dataset")
     with pytest.raises(ShardError, match="token id 1024"):
         load_shard(path, vocab_size=1024)
 

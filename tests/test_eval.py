@@ -215,7 +215,7 @@ def test_bpb_formula_hand_example():
     # targets 2,1,3,0,3,2,1,1 after prevs 0,2,1,3,0,3,2,1:
     #   2 after BOS: 2 bytes (no space); 1: 1; 3 after 1: 1+1; 0: 0; 3 after BOS: 1;
     #   2 after 3: 2+1; 1: 1; 1: 1  -> 2+1+2+0+1+3+1+1 = 11 bytes
-    config = Config().replace(eval_seq_len=4, val_batch_tokens=8, micro_batches_per_step=1)
+    config = Config().replace(eval_seq_len=4, eval_stride=4, val_batch_tokens=8, micro_batches_per_step=1)
     result = eval_val(config, ConstantLossModel(1.5), tokens, tables, CPU)
     assert result.tokens == 8 and result.bytes == 11
     assert result.loss == pytest.approx(1.5)
@@ -243,9 +243,12 @@ def test_eval_val_matches_slow_loop():
 
 
 def test_eval_val_rejects_batch_smaller_than_a_sequence():
-    config = tiny_eval_config(val_batch_tokens=16)
+    config = tiny_eval_config()
+    config.val_batch_tokens = 16  # Config refuses it (ConfigError); eval_val checks again
     with pytest.raises(ValueError, match="val_batch_tokens"):
         eval_val(config, tiny_model(config), token_stream(320, 1024), synthetic_byte_tables(1024), CPU)
+    with pytest.raises(ValueError, match="val_batch_tokens=16 must hold at least one eval_seq_len=32"):
+        tiny_eval_config(val_batch_tokens=16)
 
 
 # ----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm.auto import tqdm
 
-from parlm.data.shards import shard_files, write_shard
+from parlm.data.shards import check_dataset_vocabulary, shard_files, write_shard
 from parlm.data.tokenizer import ByteTables, NoTrainingText, load_tokenizer, train_tokenizer
 
 DEFAULT_SHARD_TOKENS = 10_000_000
@@ -428,8 +428,9 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict | None:
 def ensure_dataset(config) -> dict:
     """Make sure the dataset and tokenizer of `config` exist and return the dataset manifest.
 
-    - shards under config.datasets_dir and the tokenizer present: return its manifest (for a
-      downloaded dataset without one, a manifest made from the shard headers);
+    - shards under config.datasets_dir and the tokenizer present: check the tokenizer's and
+      every shard's ids against config.vocab_size (ConfigError / ShardError), then return its
+      manifest (for a downloaded dataset without one, a manifest made from the shard headers);
     - else, for a `stdlib_docs*` dataset: build the embedded corpus with a tokenizer trained at
       config.vocab_size and written at config.resolved_tokenizer_path (reused if present);
     - else FileNotFoundError naming the command that builds or downloads it.
@@ -439,6 +440,7 @@ def ensure_dataset(config) -> dict:
     has_shards = bool(list(dataset_dir.glob("fineweb_train_*.bin"))) and bool(list(dataset_dir.glob("fineweb_val_*.bin")))
     if has_shards and tokenizer_path.is_file():
         config.check_vocab(load_tokenizer(tokenizer_path).vocab_size())
+        check_dataset_vocabulary(dataset_dir, config.vocab_size)
         manifest = read_manifest(dataset_dir)
         if manifest is None:
             manifest = _manifest_from_shards(dataset_dir, tokenizer_path)

@@ -8,6 +8,7 @@ line naming the file and the fault.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_SHARD_TOKENS = 2**31 - 1
+MAX_ID_CACHE = ".max_token_ids.json"  # per-shard max token id, see check_dataset_vocabulary
 
 
 class ShardError(ValueError):
@@ -108,14 +110,24 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
 
 
 def check_token_range(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int,
-                      chunk_tokens: int = 1 << 24) -> None:
-    """Raise ShardError naming the first token id >= vocab_size in `tokens` (read in chunks)."""
+                      chunk_tokens: int = 1 << 24) -> int:
+    """The largest token id in `tokens` (-1 when empty), read in chunks; ShardError when it is
+    >= vocab_size, naming the first such id and its position, the max id and the vocab size."""
+    largest, first = -1, None
     for start in range(0, len(tokens), chunk_tokens):
         chunk = np.asarray(tokens[start:start + chunk_tokens])
-        if chunk.size and int(chunk.max()) >= vocab_size:
+        if not chunk.size:
+            continue
+        top = int(chunk.max())
+        largest = max(largest, top)
+        if first is None and top >= vocab_size:
             offset = int(np.argmax(chunk >= vocab_size))
-            raise ShardError(path, f"token id {int(chunk[offset])} at position {start + offset} "
-                                   f">= vocab_size {vocab_size}")
+            first = (int(chunk[offset]), start + offset)
+    if first is not None:
+        raise ShardError(path, f"token id {first[0]} at position {first[1]} >= vocab_size {vocab_size} "
+                               f"(max id {largest}); the shard comes from a larger vocabulary: use its "
+                               f"tokenizer and vocab_size, or rebuild the dataset")
+    return largest
 
 
 def load_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
@@ -135,6 +147,36 @@ def validate_shard(path: str | os.PathLike, vocab_size: int | None = None) -> Sh
     if vocab_size is not None:
         check_token_range(path, open_shard(path), vocab_size)
     return header
+
+
+def check_dataset_vocabulary(dataset_dir: str | os.PathLike, vocab_size: int) -> None:
+    """Every `fineweb_{train,val}_*.bin` shard of `dataset_dir` holds only ids < vocab_size, else
+    ShardError (`check_token_range`), so a mismatched dataset fails before training, not inside
+    the embedding. Each shard's max id is cached in `<dataset_dir>/.max_token_ids.json` by
+    (size, mtime), so a checked dataset costs one stat per shard afterwards; a read-only folder
+    is checked without the cache."""
+    dataset_dir = Path(dataset_dir)
+    cache_path = dataset_dir / MAX_ID_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    changed = False
+    for path in sorted([*dataset_dir.glob("fineweb_train_*.bin"), *dataset_dir.glob("fineweb_val_*.bin")]):
+        stat = path.stat()
+        key = [stat.st_size, stat.st_mtime_ns]
+        entry = cache.get(path.name)
+        if isinstance(entry, list) and entry[:2] == key and entry[2] < vocab_size:
+            continue
+        cache[path.name] = key + [check_token_range(path, open_shard(path), vocab_size)]
+        changed = True
+    if changed:
+        temporary = cache_path.with_name(f"{cache_path.name}.tmp{os.getpid()}")
+        try:
+            temporary.write_text(json.dumps(cache, sort_keys=True))
+            os.replace(temporary, cache_path)
+        except OSError:  # a shared read-only dataset: the next check scans again
+            temporary.unlink(missing_ok=True)
 
 
 def shard_files(pattern: str | os.PathLike) -> list[Path]:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from parlm import dist
-from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME
-from parlm.config import Config, compile_enabled
+from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME, ArtifactError, verify_artifact
+from parlm.config import Config, ConfigError, compile_enabled
 from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, eval_val,
                    eval_val_sliding, plain_batch_plan, synchronize)
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
@@ -102,6 +102,7 @@ def evaluate_run(config: Config, run_dir) -> dict:
                 f"submission; for an experiment, re-quantize with a larger artifact_cap_bytes")
         raise FileNotFoundError(f"{artifact} not found; quantize first with "
                                 f"`python -m parlm.quant --run-dir {run_dir}`")
+    verify_artifact(run_dir)  # the bytes quant.json recorded, else ArtifactError with the fix
     ctx = dist.init_distributed(config.device)
     device = ctx.device
     logger = RunLogger(run_dir, "eval.log")
@@ -200,9 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and the artifact")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    config = config_from_arguments(args, args.run_dir)
     try:
-        evaluate_run(config, args.run_dir)
+        evaluate_run(config_from_arguments(args, args.run_dir), args.run_dir)
+    except (ArtifactError, ConfigError, FileNotFoundError) as error:
+        raise SystemExit(f"parlm.eval: error: {error}") from None  # one line, exit code 1
     finally:
         dist.cleanup()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME
+from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, load_checkpoint, verify_artifact
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
 from parlm.ppm.bytestream import TokenByteLayout
 from parlm.ppm.diagnostics import void_fraction
@@ -78,9 +78,7 @@ def _void_from_checkpoint(run_dir: Path) -> tuple[float | None, str]:
     checkpoint = run_dir / CHECKPOINT_NAME
     if not checkpoint.exists():
         return None, f"unavailable (no {CHECKPOINT_NAME})"
-    import torch
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint)
     return void_fraction(state), (f"{CHECKPOINT_NAME}: EMA weights before quantization and TTT "
                                   "(the reference used the TTT-adapted weights); logged only")
 
@@ -98,6 +96,7 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
         out = {"enabled": False, "normalized": False}
         write_json(run_dir / "ppm.json", out)
         return out
+    verify_artifact(run_dir)  # nll.npz and the audit's model rows come from this artifact
     dump = load_nll(run_dir / "nll.npz")
     from parlm.data.tokenizer import ByteTables
 

@@ -19,13 +19,21 @@ CHUNK_BYTES compressed independently (brotli quality 11, or lzma preset 6) on al
     file = b"PGQ1" | compressor byte | u32 chunk count | u32 chunk sizes | chunks
 
 Chunk boundaries depend only on the payload, so the bytes do not depend on the core count.
+
+Integrity: the quant stage records the file's size (`bytes_model`) and `artifact_sha256` in
+quant.json. `verify_artifact` checks a run folder's file against that record (every stage that
+reads the artifact, and the report, call it); `invalidate_stale_stages` is the resume hook that
+makes the stages depending on a mismatched artifact run again. Every decode failure raises
+ArtifactError naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import os
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +50,31 @@ COMPRESSORS = ("brotli", "lzma")
 STREAMS = ("embedding", "attention", "mlp", "other", "scales", "passthrough")
 TORCH_DTYPES = {str(t).split(".")[1]: t for t in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
                                                 torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)}
+QUANT_RESULT = "quant.json"
+
+
+class ArtifactError(RuntimeError):
+    """A model file that cannot be used: it does not decode, or it differs from what its stage
+    recorded. str(error) is one line: '<path>: <fault>; <fix>'."""
+
+    def __init__(self, path: str | os.PathLike, fault: str, fix: str):
+        self.path, self.fault = Path(path), fault
+        super().__init__(f"{path}: {fault}; {fix}")
+
+
+def rebuild_fix(run_dir: str | os.PathLike) -> str:
+    """How to remake a run folder's artifact from its final_model.pt."""
+    run_dir = Path(run_dir)
+    return (f"rebuild it: delete {run_dir / '.stages' / 'quant.done'} and resume the run with the same "
+            f"--run-id (quant and the stages after it rerun), or run `python -m parlm.quant --run-dir "
+            f"{run_dir}` and then the stages after it")
+
+
+def retrain_fix(run_dir: str | os.PathLike) -> str:
+    """How to remake a run folder's final_model.pt (and everything made from it)."""
+    run_dir = Path(run_dir)
+    return (f"retrain this seed: delete {run_dir / '.stages' / 'train.done'} and resume the run with "
+            f"the same --run-id")
 
 
 def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
@@ -177,9 +210,16 @@ def decompress(blob: bytes) -> bytes:
     """Artifact file bytes -> payload (inverse of `compress`)."""
     if blob[:4] != MAGIC:
         raise ValueError(f"not a parlm artifact (magic {blob[:4]!r}, expected {MAGIC!r})")
+    if len(blob) < 9 or blob[4] >= len(COMPRESSORS):
+        raise ValueError(f"not a parlm artifact ({len(blob)} bytes, compressor byte {blob[4:5]!r})")
     compressor = COMPRESSORS[blob[4]]
     (count,) = struct.unpack_from("<I", blob, 5)
+    if len(blob) < 9 + 4 * count:
+        raise ValueError(f"truncated: {len(blob)} bytes cannot hold the table of {count} chunk sizes")
     sizes = struct.unpack_from(f"<{count}I", blob, 9)
+    if 9 + 4 * count + sum(sizes) != len(blob):
+        raise ValueError(f"truncated or extended: the chunk table needs {9 + 4 * count + sum(sizes):,} "
+                         f"bytes, the file has {len(blob):,}")
     offset, parts = 9 + 4 * count, []
     for size in sizes:
         parts.append(blob[offset:offset + size])
@@ -188,9 +228,125 @@ def decompress(blob: bytes) -> bytes:
         return b"".join(pool.map(lambda part: _decompress_one(part, compressor), parts))
 
 
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged file makes the decoders raise (brotli's own error only when installed)."""
+    errors: tuple[type[BaseException], ...] = (lzma.LZMAError, struct.error, ValueError, KeyError,
+                                                IndexError, TypeError, RuntimeError)
+    try:
+        import brotli
+
+        errors += (brotli.error,)
+    except ImportError:
+        pass
+    return errors
+
+
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(weights, methods) stored in an artifact file."""
-    return unpack(decompress(Path(path).read_bytes()))
+    """(weights, methods) stored in an artifact file; ArtifactError naming the file when it does
+    not decode (truncated, garbage, another format)."""
+    path = Path(path)
+    blob = path.read_bytes()
+    try:
+        return unpack(decompress(blob))
+    except _decode_errors() as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ArtifactError(path, f"cannot be decoded ({detail})", rebuild_fix(path.parent)) from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a torch.save file (final_model.pt), tensors only; ArtifactError naming
+    the file when it does not load (truncated zip, garbage pickle)."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ArtifactError(path, f"cannot be loaded ({detail})", retrain_fix(path.parent)) from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_fault(run_dir: str | os.PathLike) -> tuple[Path, str] | None:
+    """(file, fault) when the artifact quant.json records differs from the file on disk: missing,
+    another size than `bytes_model`, or another sha256 than `artifact_sha256`. None when it
+    matches, or when quant.json records no artifact (no quant stage ran, or a hand-written one)."""
+    run_dir = Path(run_dir)
+    record_path = run_dir / QUANT_RESULT
+    if not record_path.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        return record_path, "is not valid JSON (truncated or replaced)"
+    name, sha256 = record.get("artifact"), record.get("artifact_sha256")
+    if not name or not sha256:
+        return None
+    path = run_dir / name
+    if not path.is_file():
+        return path, f"is missing (quant.json records {name})"
+    size, recorded = path.stat().st_size, record.get("bytes_model")
+    if recorded is not None and size != recorded:
+        return path, f"has {size:,} bytes but quant.json records {recorded:,} (truncated or replaced)"
+    if file_sha256(path) != sha256:
+        return path, "sha256 does not match quant.json (corrupted or replaced)"
+    return None
+
+
+def verify_artifact(run_dir: str | os.PathLike) -> None:
+    """Raise ArtifactError (file, fault, fix) unless the artifact matches quant.json's record
+    (`artifact_fault`); a no-op for a run folder whose quant.json records none."""
+    fault = artifact_fault(run_dir)
+    if fault is not None:
+        raise ArtifactError(fault[0], fault[1], rebuild_fix(run_dir))
+
+
+def invalidate_stale_stages(run_dir: str | os.PathLike, stages: tuple[str, ...], quant: str = "quant") -> list[str]:
+    """Resume hook; `stages` are the pipeline's stages in order. When `quant`'s marker is
+    missing, or its artifact fails `artifact_fault`, the markers of the stages after it are
+    stale (they used another artifact, or one now damaged): remove them, and quant's own for a
+    damaged artifact, so they rerun. Other markers (not stages) written after the first removed
+    one go too: parlm.run marks each notebook after the stage it ran, so they are the notebooks
+    of those stages. Says so in one line on stderr; returns the removed marker names.
+
+    With final_model.pt gone the artifact cannot be rebuilt: ArtifactError with the retrain fix."""
+    from parlm import runlog
+
+    run_dir = Path(run_dir)
+    later = stages[stages.index(quant) + 1:]
+    if not runlog.stage_done(run_dir, quant):
+        stale = [s for s in later if runlog.stage_done(run_dir, s)]
+        where, reason = run_dir / ".stages", f"the {quant} stage is not done"
+    else:
+        fault = artifact_fault(run_dir)
+        if fault is None:
+            return []
+        if not (run_dir / CHECKPOINT_NAME).exists():
+            raise ArtifactError(fault[0], f"{fault[1]}, and {CHECKPOINT_NAME}, which it is made from, is gone",
+                                retrain_fix(run_dir))
+        stale = [s for s in (quant, *later) if runlog.stage_done(run_dir, s)]
+        where, reason = fault
+    if not stale:
+        return []
+    markers = [runlog.stage_marker(run_dir, s) for s in stale]
+    first = min(marker.stat().st_mtime_ns for marker in markers)
+    markers += [m for m in sorted((run_dir / ".stages").glob("*.done"))
+                if m.name.removesuffix(".done") not in stages and m.stat().st_mtime_ns >= first]
+    for marker in markers:
+        marker.unlink()
+    removed = [m.name.removesuffix(".done") for m in markers]
+    print(f"{where}: {reason}; stages {', '.join(stale)} are stale and will rerun (removed "
+          f"{', '.join(removed)} from {run_dir / '.stages'})", file=sys.stderr, flush=True)
+    return removed
 
 
 def dequantize_state(weights: dict[str, torch.Tensor], methods: dict[str, str],
@@ -221,6 +377,11 @@ def load_quantized_model(config, path: str | os.PathLike, device: torch.device |
     weights, methods = read_artifact(path)
     model = build_model(config, device)
     template = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    model.load_state_dict(dequantize_state(weights, methods, template), strict=True)
+    try:
+        state = dequantize_state(weights, methods, template)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ArtifactError(path, f"does not fit this config's model ({str(error).strip(chr(39))})",
+                            "evaluate it with the config.yaml of the run that made it") from None
+    model.load_state_dict(state, strict=True)
     model.looping_active = True
     return model.eval()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from parlm import dist
-from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
+from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_checkpoint, load_quantized_model, pack  # noqa: F401 (re-export)
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
@@ -112,7 +112,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     started = time.perf_counter()
     from parlm.model.gpt import build_model
 
-    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state_dict = load_checkpoint(checkpoint)  # ArtifactError naming the file when damaged
     model = build_model(config, device)
     model.load_state_dict(state_dict, strict=True)
     model.looping_active = True

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from parlm import runlog
 from parlm.config import ARTIFACT_CAP_BYTES
+from parlm.quant.artifact import ArtifactError, artifact_fault, rebuild_fix, verify_artifact
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 
@@ -207,8 +208,10 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     mix_bpb_legacy (ppm.json mix_bpb: NOT a valid BPB, SPEC 6.6), bytes_model, bytes_code,
     bytes_total, the seconds of each evaluation stage (prequant, quantized, sliding, ttt, ppm)
     and their sum `eval_seconds_total`, plus the optional extras the stage files carry.
-    A missing file raises MissingStageError naming the stage and the command that makes it."""
+    A missing file raises MissingStageError naming the stage and the command that makes it; an
+    artifact that differs from quant.json's record raises ArtifactError (file and fix)."""
     run_dir = Path(run_dir)
+    verify_artifact(run_dir)
     summary: dict[str, Any] = {"seed": _seed_of(run_dir)}
     for stage, mapping, required in _SOURCES:
         path = run_dir / runlog.STAGE_RESULT_FILES[stage]
@@ -250,7 +253,7 @@ def load_run_summaries(run_root: str | Path) -> list[dict[str, Any]]:
         try:
             summaries.append(runlog.read_json(path) if path.exists()
                              else summarize_seed(directory, write=False))
-        except MissingStageError as exc:
+        except (MissingStageError, ArtifactError) as exc:
             problems.append(str(exc))
     if not summaries:
         detail = ("; ".join(problems)) if problems else "no seed_<n> folders"
@@ -284,6 +287,17 @@ def run_datasets(run_root: str | Path) -> set[str]:
 
     return {Config.load(directory / "config.yaml").resolved_dataset_name
             for directory in seed_dirs(run_root) if (directory / "config.yaml").exists()}
+
+
+def artifact_problems(run_root: str | Path) -> list[str]:
+    """One line per seed whose artifact differs from its quant.json record (file, fault, fix):
+    its bytes_total describes a file that is no longer there."""
+    problems = []
+    for directory in seed_dirs(run_root):
+        fault = artifact_fault(directory)
+        if fault is not None:
+            problems.append(str(ArtifactError(fault[0], fault[1], rebuild_fix(directory))))
+    return problems
 
 
 def comparability(ours: set[str], theirs: set[str]) -> tuple[bool | None, str | None]:
@@ -379,6 +393,7 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
     stats = column_statistics(summaries)
     totals = [s["bytes_total"] for s in summaries if s.get("bytes_total") is not None]
     worst = max(totals) if totals else None
+    damaged = artifact_problems(run_root)
     report: dict[str, Any] = {
         "run_root": str(run_root.resolve()),
         "seeds": [s["seed"] for s in summaries],
@@ -386,7 +401,9 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
         "statistics": stats,
         "worst_bytes_total": worst,
         "artifact_cap_bytes": ARTIFACT_CAP_BYTES,
-        "fits_cap": None if worst is None else worst <= ARTIFACT_CAP_BYTES,
+        # No verdict on a size whose file is damaged or gone: it no longer describes an artifact.
+        "fits_cap": None if worst is None or damaged else worst <= ARTIFACT_CAP_BYTES,
+        "artifact_problems": damaged,
     }
     base: list[dict[str, Any]] = []
     label = "baseline"
@@ -415,7 +432,9 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
         overlay = base if baseline is not None and Path(str(baseline)).is_dir() else []
         report["plots"] = plotting.save_report_plots(run_root, summaries, out_dir / "plots",
                                                      overlay, label)
-    if submission:
+    if submission and damaged:
+        report["submission"] = {"exported": False, "reason": f"not exported: {damaged[0]}"}
+    elif submission:
         report["submission"] = export_submission(run_root, out_dir / "submission")
     runlog.write_json(out_dir / "report.json", report)
     return report
@@ -425,7 +444,12 @@ def format_report(report: dict[str, Any], table: bool = True) -> str:
     """A short human-readable account of a report dict (what the CLI prints)."""
     lines = [markdown_table(report["summaries"], report["statistics"]), ""] if table else []
     worst = report.get("worst_bytes_total")
-    if worst is not None:
+    damaged = report.get("artifact_problems") or []
+    if worst is not None and damaged:
+        lines.append(f"worst-case bytes_total {worst:,} is NOT verified against the "
+                     f"{ARTIFACT_CAP_BYTES:,}-byte cap: {len(damaged)} artifact(s) differ from quant.json")
+        lines.extend(f"  {problem}" for problem in damaged)
+    elif worst is not None:
         verdict = "fits" if report["fits_cap"] else "EXCEEDS"
         lines.append(f"worst-case bytes_total {worst:,} {verdict} the {ARTIFACT_CAP_BYTES:,}-byte cap")
     baseline = report.get("baseline")
@@ -470,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = None if str(args.baseline).lower() == "none" else args.baseline
         report = build_report(args.run_root, baseline, args.out, plots=not args.no_plots,
                               submission=not args.no_submission)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))

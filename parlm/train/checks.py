@@ -18,6 +18,7 @@ TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)
 def check_inputs(config: Config, world_size: int) -> int:
     """Fail before any training when the run cannot work: the config (`validate`), the data
     (train and val shards, tokenizer) and the validation batch. Returns the train shard count."""
+    from parlm.data.shards import ShardError, check_dataset_vocabulary
     from parlm.data.tokenizer import load_tokenizer
 
     config.validate(world_size)
@@ -30,6 +31,10 @@ def check_inputs(config: Config, world_size: int) -> int:
         raise ConfigError(f"{len(train_files)} training shard(s) cannot feed {world_size} processes "
                           f"(each rank reads its own shards); use at most {len(train_files)} processes")
     config.validate(world_size, load_tokenizer(tokenizer).vocab_size())
+    try:  # ids >= vocab_size would fail deep inside the embedding, steps into training
+        check_dataset_vocabulary(config.datasets_dir, config.vocab_size)
+    except ShardError as error:
+        raise ConfigError(str(error)) from None
     per_rank = config.val_batch_tokens // (world_size * config.grad_accum_steps(world_size))
     if per_rank < config.eval_seq_len:
         raise ConfigError(
