@@ -9,9 +9,14 @@ optimizers, the fp32 EMA update) on random-token shards in the challenge format 
 itself (speed does not depend on the text), so it needs no dataset or tokenizer:
 `warmup_steps` plain + looped compile steps (timed separately), then `--steps-before` plain
 and `--steps-after` looped steps at LR multiplier 1. Step times are CUDA events; the first
-3 steps of each phase are left out of the steady-state rates. About 4 minutes on one H100.
-Reference (ANCHORS.md, PR #1858 script with SDPA on one H100): 831k-848k tok/s before looping,
-under 677k after, 40,423 MiB peak allocated.
+3 steps of each phase are left out of the steady-state rates.
+
+For each phase it also prints model FLOPs per token (parlm.model.flops: block linears by shape
+over the active block passes, causal attention, the tied head, Muon's Newton-Schulz amortized
+over the step), the achieved TFLOP/s, MFU against the GPU's dense bf16 peak looked up by its
+name, and where the step's time goes (`--profile-steps` steps under torch.profiler per phase:
+matmul, attention, elementwise/norm, optimizer, communication, idle; benchmarks/kernel_breakdown.py).
+`--device cpu` is a smoke mode for tests (tiny preset, CPU operators instead of kernels).
 """
 from __future__ import annotations
 
@@ -26,11 +31,15 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from parlm import dist  # noqa: E402
 from parlm.config import Config, parse_overrides  # noqa: E402
+from parlm.model.flops import bf16_dense_peak_tflops, training_flops_per_token  # noqa: E402
+
+from kernel_breakdown import CLASSES, time_breakdown  # noqa: E402
 
 SKIP_STEPS = 3
 REFERENCE = {"tok_per_sec_before_loop": "831k-848k", "tok_per_sec_after_loop": "< 677k (still falling at step 175)",
@@ -44,6 +53,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps-before", type=int, default=30, help="timed steps without looping")
     parser.add_argument("--steps-after", type=int, default=30, help="timed steps with looping")
     parser.add_argument("--warmup-steps", type=int, default=20, help="compile warmup steps per graph")
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per phase (0: none)")
     parser.add_argument("--data-dir", default="/tmp/parlm_train_speed", help="where the random shards go")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--shard-tokens", type=int, default=4_000_000)
@@ -108,6 +118,11 @@ def run_worker(args: argparse.Namespace) -> dict:
             timer.step_done(looping)
         dist.print0(f"{'looped' if looping else 'plain'} steps done, last loss {loss.item():.4f}")
     durations = timer.durations_ms()
+    breakdown = {}
+    for looping in (False, True):
+        trainer.set_looping(looping)
+        breakdown["after_loop" if looping else "before_loop"] = profile_phase(trainer, step, args.profile_steps)
+        step += args.profile_steps
     timed_seconds = time.perf_counter() - started
     tokens = config.train_batch_tokens
     before, used_before = steady_state_rate(durations, False, tokens, SKIP_STEPS)
@@ -117,8 +132,21 @@ def run_worker(args: argparse.Namespace) -> dict:
             torch.cuda.max_memory_reserved(ctx.device) / 2**20 if cuda else 0.0]
     peaks = torch.tensor(peak, dtype=torch.float64, device=ctx.device)
     dist.all_reduce_max(peaks)
+    device_name = torch.cuda.get_device_name(ctx.device) if cuda else "cpu"
+    muon_shapes = [tuple(p.shape) for group in trainer.optimizers.muon.param_groups for p in group["params"]]
+    peak_tflops = bf16_dense_peak_tflops(device_name)
+    flops = {}
+    for key, looping, rate in (("before_loop", False, before), ("after_loop", True, after)):
+        counted = training_flops_per_token(trainer.base_model, config.train_seq_len, tokens, muon_shapes,
+                                           config.muon_backend_steps, looping=looping)
+        achieved = counted.training * rate / ctx.world_size / 1e12 if rate else None
+        flops[key] = {**counted.to_dict(), "achieved_tflops_per_gpu": achieved,
+                      "mfu": achieved / peak_tflops if achieved and peak_tflops else None}
     result = {
-        "device": torch.cuda.get_device_name(ctx.device) if cuda else "cpu",
+        "device": device_name,
+        "bf16_dense_peak_tflops": peak_tflops,
+        "flops_per_token": flops,
+        "time_breakdown_ms_per_step": breakdown,
         "world_size": ctx.world_size,
         "grad_accum_steps": trainer.grad_accum_steps,
         "attention_backend": trainer.base_model.attention_backend,
@@ -149,6 +177,26 @@ def run_worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def profile_phase(trainer, first_step: int, steps: int) -> dict[str, float]:
+    """Milliseconds per step by kernel class over `steps` profiled training steps."""
+    if steps <= 0:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(trainer.device)
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for index in range(steps):
+            trainer.step(first_step + index, 1.0)
+        if cuda:
+            torch.cuda.synchronize(trainer.device)
+        wall_ms = (time.perf_counter() - started) * 1e3
+    return time_breakdown(profiler, wall_ms, steps)
+
+
 def print_table(result: dict) -> None:
     def thousands(value):
         return "-" if value is None else f"{value / 1000:,.1f}k"
@@ -162,6 +210,21 @@ def print_table(result: dict) -> None:
         ms = result[f"ms_per_step_{key}"]
         print(f"{phase:<16}{result['steps_used'][key]:>6}{'-' if ms is None else f'{ms:.1f}':>10}"
               f"{thousands(rate):>12}{thousands(rate / world if rate else None):>12}")
+    peak = result["bf16_dense_peak_tflops"]
+    print(f"model FLOPs per training token (3 x forward + Newton-Schulz), dense bf16 peak "
+          f"{'unknown' if peak is None else f'{peak:.1f} TFLOP/s'}")
+    print(f"{'phase':<16}{'GFLOP/tok':>10}{'passes':>8}{'TFLOP/s/GPU':>13}{'MFU':>8}")
+    for phase, key in (("before looping", "before_loop"), ("after looping", "after_loop")):
+        flops = result["flops_per_token"][key]
+        achieved, mfu = flops["achieved_tflops_per_gpu"], flops["mfu"]
+        print(f"{phase:<16}{flops['training'] / 1e9:>10.3f}{flops['block_passes']:>8}"
+              f"{'-' if achieved is None else f'{achieved:.1f}':>13}{'-' if mfu is None else f'{100 * mfu:.1f}%':>8}")
+    breakdown = result["time_breakdown_ms_per_step"]
+    if any(breakdown.values()):
+        print("time per step by kernel class (ms): " + ", ".join(CLASSES))
+        for phase, key in (("before looping", "before_loop"), ("after looping", "after_loop")):
+            row = breakdown.get(key) or {}
+            print(f"{phase:<16}" + "".join(f"{row.get(kind, 0.0):>10.1f}" for kind in CLASSES))
     print(f"peak memory allocated {result['peak_memory_allocated_mib']:,.0f} MiB, reserved "
           f"{result['peak_memory_reserved_mib']:,.0f} MiB (reference: 40,423 MiB allocated)")
     print("reference (1x H100, SDPA): 831k-848k tok/s before looping, < 677k after")
@@ -176,7 +239,8 @@ def main(argv=None) -> int:
             dist.cleanup()
         return 0
     forwarded = ["--steps-before", str(args.steps_before), "--steps-after", str(args.steps_after),
-                 "--warmup-steps", str(args.warmup_steps), "--data-dir", str(Path(args.data_dir).resolve()),
+                 "--warmup-steps", str(args.warmup_steps), "--profile-steps", str(args.profile_steps),
+                 "--data-dir", str(Path(args.data_dir).resolve()),
                  "--shards", str(args.shards), "--shard-tokens", str(args.shard_tokens),
                  "--device", args.device, "--out", str(Path(args.out).resolve()), "--worker"]
     if args.preset:

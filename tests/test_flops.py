@@ -74,3 +74,65 @@ def test_peak_lookup_by_device_name():
     assert bf16_dense_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bf16_dense_peak_tflops("NVIDIA H200") == 989.4
     assert bf16_dense_peak_tflops("cpu") is None
+
+
+# ----------------------------------------------------------------------------------------
+# benchmarks/kernel_breakdown.py on hand-made profiler events (the profiler itself is slow to
+# start on a small CPU machine, and its event objects are plain attributes).
+class FakeKernel:
+    def __init__(self, name, duration_us):
+        self.name, self.duration = name, duration_us
+
+
+class FakeEvent:
+    def __init__(self, name, parent=None, kernels=(), self_us=0.0):
+        self.name, self.cpu_parent, self.kernels = name, parent, list(kernels)
+        self.self_cpu_time_total, self.cpu_children = self_us, []
+        if parent is not None:
+            parent.cpu_children.append(self)
+
+
+class FakeProfiler:
+    def __init__(self, events):
+        self._events = events
+
+    def events(self):
+        return self._events
+
+
+def load_kernel_breakdown():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_breakdown.py"
+    spec = importlib.util.spec_from_file_location("kernel_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_breakdown_classes_device_kernels():
+    breakdown = load_kernel_breakdown()
+    step = FakeEvent("Optimizer.step#Muon.step")
+    newton_schulz = FakeEvent("aten::mm", parent=FakeEvent("inner", parent=step),
+                              kernels=[FakeKernel("sm90_xmma_gemm_bf16", 300.0)])
+    events = [
+        FakeEvent("aten::mm", kernels=[FakeKernel("nvjet_tst_128x256", 1000.0)]),
+        FakeEvent("aten::_flash_attention_forward", kernels=[FakeKernel("flash_fwd_kernel", 500.0)]),
+        FakeEvent("CompiledFunction", kernels=[FakeKernel("triton_red_fused_rms_norm_0", 200.0)]),
+        FakeEvent("c10d::allreduce_", kernels=[FakeKernel("ncclDevKernel_AllReduce", 400.0)]),
+        step, newton_schulz,
+    ]
+    result = breakdown.time_breakdown(FakeProfiler(events), wall_ms=5.0, steps=2)
+    assert result == {"matmul": 0.5, "attention": 0.25, "elementwise/norm": 0.1, "optimizer": 0.15,
+                      "communication": 0.2, "idle": (5.0 - 2.0) / 2}
+
+
+def test_kernel_breakdown_falls_back_to_cpu_operators():
+    breakdown = load_kernel_breakdown()
+    step = FakeEvent("Optimizer.step#AdamW.step")
+    events = [FakeEvent("aten::addmm", self_us=3000.0), FakeEvent("aten::add_", parent=step, self_us=1000.0),
+              step, FakeEvent("aten::mul", self_us=500.0)]
+    result = breakdown.time_breakdown(FakeProfiler(events), wall_ms=6.0, steps=1)
+    assert result["matmul"] == 3.0 and result["optimizer"] == 1.0 and result["elementwise/norm"] == 0.5
+    assert result["idle"] == 1.5
