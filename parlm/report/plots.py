@@ -54,9 +54,10 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
                          yerr=spread, capsize=6, ecolor="k")
             step = centre - (float(np.nanmean([d[stages[column - 1]] for d in deltas]))
                              if column else 0.0)
-            delta_ax.annotate(f"mean {centre:+.4f}\nstep {step:+.4f}", (column, centre),
-                              xytext=(0, 14 if centre >= 0 else -14), textcoords="offset points",
-                              ha="center", va="bottom" if centre >= 0 else "top", fontsize=8)
+            # Written along the top of the panel, clear of the markers and whiskers.
+            delta_ax.annotate(f"mean {centre:+.5f}\nstep {step:+.5f}", (column, 0.98),
+                              xycoords=delta_ax.get_xaxis_transform(), ha="center", va="top",
+                              fontsize=8, bbox=dict(boxstyle="round", fc="white", alpha=0.8, lw=0))
     for index, (summary, delta) in enumerate(zip(summaries, deltas)):
         offset = (index - (len(summaries) - 1) / 2) * 0.08
         delta_ax.plot([c + offset for c in range(len(stages))], [delta[s] for s in stages],
@@ -71,7 +72,8 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
     delta_ax.set_ylabel("BPB minus the seed's pre-quant BPB (bits/byte)")
     delta_ax.set_title("Change from pre-quant at each stage\n(bar: mean over seeds, whisker: ±1 std; "
                        "step: change from the stage before)", fontsize=10)
-    delta_ax.margins(y=0.35)
+    low, high = delta_ax.get_ylim()
+    delta_ax.set_ylim(low, high + 0.35 * (high - low))  # room for the notes along the top
     for summary in summaries:
         bpb_ax.plot(range(len(STAGE_LABELS)), [_number(summary.get(s)) for s in STAGE_LABELS],
                     marker="o", label=f"seed {summary.get('seed')}")
@@ -85,8 +87,7 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
                      "changes)", fontsize=10)
     for ax in (delta_ax, bpb_ax):
         ax.grid(alpha=0.3, axis="y")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+    bpb_ax.legend(fontsize=8, loc="best")  # the seeds' colours are the same in both panels
     return fig
 
 
@@ -115,6 +116,15 @@ def training_curves(run_dirs: Sequence[str | Path]) -> Figure:
         if prequant["step"]:
             val_ax.plot(prequant["step"], prequant["val_bpb"], marker="*", markersize=11,
                         linestyle="none", color=color, label=f"{label} EMA (pre-quant)")
+        if val["step"] and prequant["step"]:
+            # The gap the caption explains: EMA score minus the live score at the stop.
+            gap = prequant["val_bpb"][-1] - val["val_bpb"][-1]
+            val_ax.plot([prequant["step"][-1]] * 2, [val["val_bpb"][-1], prequant["val_bpb"][-1]],
+                        linestyle=":", color=color, linewidth=1)
+            val_ax.annotate(f"EMA − live {gap:+.3f}", (prequant["step"][-1],
+                            (val["val_bpb"][-1] + prequant["val_bpb"][-1]) / 2),
+                            textcoords="offset points", xytext=(-6, 0), ha="right", va="center",
+                            fontsize=8, color=color)
         if len(val["step"]) <= 1:
             for step, bpb in zip(val["step"] + prequant["step"], val["val_bpb"] + prequant["val_bpb"]):
                 val_ax.annotate(f"{bpb:.4f}", (step, bpb), textcoords="offset points", xytext=(6, 0),
@@ -127,7 +137,8 @@ def training_curves(run_dirs: Sequence[str | Path]) -> Figure:
                          va="top", fontsize=8, color="gray")
     loss_ax.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
     val_ax.set(xlabel="step", ylabel="validation BPB (bits/byte)",
-               title="Validation during training (live) and of the EMA weights at the stop")
+               title="Validation BPB: live weights, and EMA weights at the stop")
+    val_ax.margins(x=0.08)
     for ax in (loss_ax, val_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -187,7 +198,8 @@ def gate_summary(summaries: Sequence[dict[str, Any]]) -> Figure:
     gate_ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     gate_ax.set(ylabel="bytes the gate hands to the NN alone (% of bytes)",
                 title="Anti-hijack gate: bytes scored with λ = 1 (NN alone)")
-    gate_ax.margins(y=0.2)
+    finite = [v for v in skips if math.isfinite(v)]
+    gate_ax.set_ylim(0, max([1.0] + finite) * 1.2)  # bars start at 0 even when none fired
     for ax in (bpb_ax, gate_ax):
         ax.grid(alpha=0.3, axis="y")
     return fig
@@ -201,17 +213,44 @@ def save_figure(fig: Figure, path: str | Path) -> str:
     return str(path)
 
 
+def gate_figures(run_dir: str | Path) -> dict[str, Figure]:
+    """The PPM gate's figures of one seed (parlm.ppm.plots, from its ppm_trace.npz and
+    ppm.json): `gate_decision` (the gate's choice against the NN's per-byte surprisal, threshold
+    drawn) and `gate_bpb_contribution` (the BPB of gated and ungated bytes); {} without a trace."""
+    from parlm.ppm import plots as ppm_plots
+    from parlm.ppm.stage import load_traces
+    from parlm.runlog import read_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "ppm_trace.npz").exists():
+        return {}
+    traces = load_traces(run_dir / "ppm_trace.npz")
+    settings = read_json(run_dir / "ppm.json") if (run_dir / "ppm.json").exists() else {}
+    seed = run_dir.name.replace("_", " ")
+    figures = {"gate_decision": ppm_plots.gate_decision_by_confidence(
+                   traces, settings.get("anti_hijack_nats", 0.277)),
+               "gate_bpb_contribution": ppm_plots.gate_bpb_contribution(traces)}
+    for figure in figures.values():
+        figure.suptitle(f"{seed}: {figure.get_suptitle()}", fontsize=10)
+    return figures
+
+
 def save_report_plots(run_root: str | Path, summaries: Sequence[dict[str, Any]],
                       out_dir: str | Path, baseline: Sequence[dict[str, Any]] = (),
                       baseline_label: str = "baseline") -> dict[str, str]:
-    """Write the three report figures into `out_dir`; return {name: png path}."""
+    """Write the report figures into `out_dir` (bpb_by_stage, training_curves, gate_summary,
+    and the first seed's gate_decision and gate_bpb_contribution); return {name: png path}."""
     from parlm.report.summary import seed_dirs
 
     out_dir = Path(out_dir)
-    return {
+    paths = {
         "bpb_by_stage": save_figure(bpb_by_stage(summaries, baseline, baseline_label),
                                     out_dir / "bpb_by_stage.png"),
         "training_curves": save_figure(training_curves(seed_dirs(run_root)),
                                        out_dir / "training_curves.png"),
         "gate_summary": save_figure(gate_summary(summaries), out_dir / "gate_summary.png"),
     }
+    folders = seed_dirs(run_root)
+    for name, figure in (gate_figures(folders[0]) if folders else {}).items():
+        paths[name] = save_figure(figure, out_dir / f"{name}.png")
+    return paths

@@ -90,8 +90,17 @@ def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0
                            df=float(len(a) + len(b) - 2), p_two_sided=1.0 if equal else 0.0,
                            p_less=(0.5 if equal else float(difference > 0)),
                            p_greater=(0.5 if equal else float(difference < 0)))
+    import warnings
+
     from scipy import stats
 
+    with warnings.catch_warnings():
+        # Identical values in one sample: its variance is exactly 0 and Welch's formula holds.
+        warnings.filterwarnings("ignore", message="Precision loss occurred", category=RuntimeWarning)
+        return _scipy_welch(a, b, confidence, moments, stats)
+
+
+def _scipy_welch(a, b, confidence, moments, stats) -> WelchResult:
     two_sided = stats.ttest_ind(a, b, equal_var=False)
     interval = two_sided.confidence_interval(confidence_level=confidence)
     return WelchResult(**moments, low=float(interval.low), high=float(interval.high),
