@@ -203,9 +203,10 @@ def readme_text(name: str, config, seeds: dict, summary: dict, script_form: str)
         "## Measured on", "",
         *_environment_text(summary["environment"]), "",
         "## Reproduce", "",
-        "With this folder's `train_gpt.py` (the challenge's FineWeb export under `./data/`, i.e. "
-        "`./data/datasets/` and `./data/tokenizers/`; outputs go to `logs/seed_<seed>/`; needs torch, "
-        "numpy, sentencepiece, brotli, pyyaml and tqdm):", "",
+        f"With this folder's `train_gpt.py` (the data set `{config.resolved_dataset_name}` under "
+        "`./data/datasets/` and its tokenizer under `./data/tokenizers/`: the challenge's FineWeb "
+        "export, or the set `python -m parlm.data` builds; outputs go to `logs/seed_<seed>/`; needs "
+        "torch, numpy, sentencepiece, brotli, pyyaml and tqdm):", "",
         "```", *commands["train_gpt"], "```", "",
         "With the parlm workbook (every stage as a notebook, then this report), from a checkout "
         "with the data under `./data/`:", "",
