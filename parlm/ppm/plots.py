@@ -89,8 +89,10 @@ def gate_decision_by_confidence(traces: dict, anti_hijack_nats: float = 0.277) -
     if threshold > 0:
         for ax in (share_ax, count_ax):
             ax.axvline(threshold, color="k", ls="--", lw=1.2)
+        skipped = 100 * float(np.mean(choice == 2)) if len(choice) else 0.0
         share_ax.annotate(f"anti-hijack threshold {threshold:.2f} bits\n({anti_hijack_nats:g} nats, "
-                          f"p_NN > {math.exp(-anti_hijack_nats):.3f})", (threshold, 50),
+                          f"p_NN > {math.exp(-anti_hijack_nats):.3f});\nbelow it λ = 1: "
+                          f"{skipped:.1f}% of bytes", (threshold, 50),
                           xytext=(8, 0), textcoords="offset points", fontsize=8, va="center",
                           bbox=dict(boxstyle="round", fc="white", alpha=0.85))
     share_ax.set_ylabel("gate choice (% of the bin's bytes)")
