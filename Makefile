@@ -17,6 +17,6 @@ demo: setup
 test: setup
 	@bash scripts/run_tests.sh
 
-# JupyterLab on the notebooks (pick the `parlm` kernel); root needs --allow-root.
+# JupyterLab on the notebooks (pick the kernel `parlm (<this checkout>)`); root needs --allow-root.
 lab: setup
 	.venv/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/

@@ -25,6 +25,17 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # with their own folder as working directory, and the CLI agree); outside a checkout, the cwd.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_PATH_KEYS = ("data_dir", "tokenizer_path")
+
+
+def checkout_kernel_name(root: str | os.PathLike | None = None) -> str:
+    """The Jupyter kernel of this checkout: `parlm-<first 8 hex digits of sha1(checkout path)>`
+    (display name `parlm (<path>)`), which scripts/setup.sh registers; one per checkout, so a
+    second checkout never re-points the first one's kernel."""
+    import hashlib
+
+    path = str(Path(root).resolve() if root is not None else PROJECT_ROOT)
+    return f"parlm-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
 ROPE_PRECISIONS = ("reference_cuda", "reference_eager", "float32")
 # The contest's limit on bytes_total = compressed weights + code; the report always checks it.
 ARTIFACT_CAP_BYTES = 16_000_000

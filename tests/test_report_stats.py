@@ -1,12 +1,13 @@
-"""Report statistics against independent computations: hand-worked values, published textbook
-figures and numeric integration (never against parlm.report itself)."""
+"""Report statistics (parlm.report.stats, through scipy) against independent computations:
+hand-worked values, published worked examples and numeric integration of the Student t density
+written out here (never against scipy or parlm.report itself)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from parlm.report import summary as report
+from parlm.report import stats as report
 
 
 def simpson(f, lo: float, hi: float, intervals: int = 20_000) -> float:
@@ -29,6 +30,19 @@ def two_sided_by_integration(t: float, df: float) -> float:
     return 1.0 - 2.0 * simpson(lambda x: student_t_density(x, df), 0.0, abs(t))
 
 
+def t_quantile_by_integration(probability: float, df: float) -> float:
+    """The t_df quantile q with P(T <= q) = probability (> 1/2), by bisection in [0, 20] on the integrated
+    density (P(T <= q) = 1/2 + integral_0^q density)."""
+    lo, hi = 0.0, 20.0
+    for _ in range(32):
+        middle = (lo + hi) / 2
+        if 0.5 + simpson(lambda x: student_t_density(x, df), 0.0, middle, 1_000) < probability:
+            lo = middle
+        else:
+            hi = middle
+    return (lo + hi) / 2
+
+
 def test_mean_and_sample_std_hand_worked():
     # [1, 2, 3, 4]: mean 2.5; squared deviations 2.25+0.25+0.25+2.25 = 5; 5/3 -> sqrt.
     assert report.mean([1, 2, 3, 4]) == 2.5
@@ -43,62 +57,40 @@ def test_std_of_pr1858_seeds_matches_published_figure():
     assert report.sample_std(values) == pytest.approx(0.00037, abs=5e-6)
 
 
-@pytest.mark.parametrize("a,b", [(1, 1), (3, 1), (1, 4), (2, 3), (5, 7)])
-@pytest.mark.parametrize("x", [0.05, 0.3, 0.5, 0.77, 0.99])
-def test_incomplete_beta_integer_parameters_equal_binomial_tail(a, b, x):
-    # For integers, I_x(a, b) = P(Binomial(a + b - 1, x) >= a).
-    n = a + b - 1
-    expected = sum(math.comb(n, j) * x ** j * (1 - x) ** (n - j) for j in range(a, n + 1))
-    assert report.regularized_incomplete_beta(x, a, b) == pytest.approx(expected, rel=1e-12, abs=1e-15)
-
-
-@pytest.mark.parametrize("a,b,x", [(1.5, 2.5, 0.4), (3.3, 1.7, 0.9), (2.0, 0.5, 0.6), (10.5, 20.0, 0.25)])
-def test_incomplete_beta_against_numeric_integration(a, b, x):
-    beta = math.exp(math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
-    integral = simpson(lambda t: t ** (a - 1) * (1 - t) ** (b - 1), 0.0, x, 40_000) / beta
-    assert report.regularized_incomplete_beta(x, a, b) == pytest.approx(integral, rel=1e-6)
-
-
-def test_incomplete_beta_symmetry_and_ends():
-    for a, b, x in [(0.5, 0.5, 0.3), (4.2, 1.1, 0.8), (2.0, 9.0, 0.1)]:
-        total = report.regularized_incomplete_beta(x, a, b) + report.regularized_incomplete_beta(1 - x, b, a)
-        assert total == pytest.approx(1.0, abs=1e-13)
-    # I_x(1/2, 1/2) = (2/pi) asin(sqrt(x)) (the arcsine distribution).
-    assert report.regularized_incomplete_beta(0.3, 0.5, 0.5) == pytest.approx(
-        2 / math.pi * math.asin(math.sqrt(0.3)), rel=1e-12)
-    assert report.regularized_incomplete_beta(0.0, 2, 3) == 0.0
-    assert report.regularized_incomplete_beta(1.0, 2, 3) == 1.0
-    with pytest.raises(ValueError):
-        report.regularized_incomplete_beta(1.5, 2, 3)
-
-
-@pytest.mark.parametrize("df,t_critical", [(1, 12.706), (5, 2.571), (10, 2.228), (30, 2.042)])
-def test_student_t_table_critical_values(df, t_critical):
-    # Printed t tables: these are the two-sided 5% critical values (3 decimals).
-    p = 2 * report.student_t_sf(t_critical, df)
-    assert p == pytest.approx(0.05, abs=2e-4)
-
-
-@pytest.mark.parametrize("t,df", [(0.4, 7.3), (1.3, 2.5), (2.0, 1.0), (3.0984, 50 / 17), (-2.2, 12.0)])
-def test_student_t_against_numeric_integration(t, df):
-    p_two_sided = 2 * report.student_t_sf(abs(t), df)
-    assert p_two_sided == pytest.approx(two_sided_by_integration(t, df), abs=1e-8)
-    # The upper tail of a negative t is above one half and the two tails add to one.
-    assert report.student_t_sf(t, df) + report.student_t_sf(-t, df) == pytest.approx(1.0, abs=1e-14)
-
-
 def test_welch_hand_worked_example():
     # a = [1, 2, 3]: mean 2, var 1; b = [4, 6, 8]: mean 6, var 4.
-    # se^2 = 1/3 + 4/3 = 5/3; t = -4 / sqrt(5/3); df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17.
-    result = report.welch_t_test([1, 2, 3], [4, 6, 8])
+    # se^2 = 1/3 + 4/3 = 5/3; t = -4 / sqrt(5/3); df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17;
+    # 95% interval -4 -+ t_{50/17, 0.975} sqrt(5/3).
+    result = report.welch_interval([1, 2, 3], [4, 6, 8])
     assert result.mean_a == 2 and result.mean_b == 6
     assert result.difference == -4
-    assert result.t == pytest.approx(-4 / math.sqrt(5 / 3), rel=1e-14)
-    assert result.df == pytest.approx(50 / 17, rel=1e-14)
+    assert result.t == pytest.approx(-4 / math.sqrt(5 / 3), rel=1e-12)
+    assert result.df == pytest.approx(50 / 17, rel=1e-12)
     expected_p = two_sided_by_integration(result.t, 50 / 17)
     assert result.p_two_sided == pytest.approx(expected_p, abs=1e-8)
     assert result.p_less == pytest.approx(expected_p / 2, abs=1e-8)
     assert result.p_greater == pytest.approx(1 - expected_p / 2, abs=1e-8)
+    half_width = t_quantile_by_integration(0.975, 50 / 17) * math.sqrt(5 / 3)
+    assert result.low == pytest.approx(-4 - half_width, abs=1e-6)
+    assert result.high == pytest.approx(-4 + half_width, abs=1e-6)
+    assert result.confidence == 0.95 and not result.excludes_zero
+    narrower = report.welch_interval([1, 2, 3], [4, 6, 8], confidence=0.80)
+    half_80 = t_quantile_by_integration(0.90, 50 / 17) * math.sqrt(5 / 3)
+    assert narrower.high - narrower.low == pytest.approx(2 * half_80, abs=1e-6)
+    assert narrower.excludes_zero  # 80%: -4 +- 2.6 stays below zero
+
+
+def test_welch_interval_of_the_published_sleep_example():
+    # R's documented `t.test(extra ~ group, data = sleep)` (Student's sleep data, Welch):
+    # t = -1.8608, df = 17.776, p-value = 0.07939, 95 percent CI -3.3654832 0.2054832.
+    group1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    group2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    result = report.welch_interval(group1, group2)
+    assert round(result.t, 4) == -1.8608
+    assert round(result.df, 3) == 17.776
+    assert round(result.p_two_sided, 5) == 0.07939
+    assert round(result.low, 7) == -3.3654832 and round(result.high, 7) == 0.2054832
+    assert result.difference == pytest.approx(0.75 - 2.33)
 
 
 def test_welch_textbook_examples():
@@ -129,5 +121,8 @@ def test_welch_is_antisymmetric_and_handles_degenerate_samples():
     apart = report.welch_t_test([1.0, 1.0], [2.0, 2.0])
     assert apart.t == -math.inf and apart.p_two_sided == 0.0
     assert apart.p_less == 0.0 and apart.p_greater == 1.0  # one-sided p of "a lower than b"
+    assert apart.low == apart.high == -1.0
     with pytest.raises(ValueError, match="at least two"):
         report.welch_t_test([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="confidence"):
+        report.welch_interval([1.0, 2.0], [1.0, 2.0], confidence=95)

@@ -170,4 +170,8 @@ def test_training_curves_mark_each_seeds_looping_switch_and_its_scores(tmp_path)
     assert vertical == [35, 45]
     labels = val_ax.get_legend_handles_labels()[1]
     assert labels == ["seed 42 live", "seed 42 EMA (pre-quant)", "seed 314 live", "seed 314 EMA (pre-quant)"]
-    assert sorted(text.get_text() for text in val_ax.texts) == ["1.5100", "1.5100", "1.5200", "1.5200"]
+    texts = sorted(text.get_text() for text in val_ax.texts)
+    # Each seed: its live and EMA values, and the gap EMA - live = 1.52 - 1.51 the caption explains.
+    assert texts == ["1.5100", "1.5100", "1.5200", "1.5200", "EMA − live +0.010", "EMA − live +0.010"]
+    caption = figure.get_supxlabel()
+    assert "ema_decay" in caption and "lags" in caption

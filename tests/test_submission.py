@@ -251,3 +251,45 @@ def test_exported_script_runs_standalone(tmp_path, tiny_dataset_config):
     assert (run_dir / "final_model.int6.ptz").stat().st_size == quant["bytes_model"]
     assert json.loads((run_dir / "eval.json").read_text())["quantized_bpb"] > 0
     assert (folder / "train_gpt.py").read_bytes() == script  # never written over itself
+
+
+def test_records_are_portable_and_state_the_contest_cap(tmp_path, tiny_config):
+    """A run that raised artifact_cap_bytes to go on still exports, and submission.json says the
+    worst seed exceeds the contest's 16,000,000 bytes; no absolute path of the machine is left in
+    the folder; the reproduce commands carry every setting as a flag; the environment comes from
+    the train.log header."""
+    from parlm.submission import export
+
+    run_root = tmp_path / "runs" / "raised"
+    data_dir = tmp_path / "elsewhere" / "data"
+    config = tiny_config.replace(artifact_cap_bytes=17_000_000, data_dir=str(data_dir),
+                                 tokenizer_path=str(data_dir / "tokenizers" / "t.model"))
+    for seed in (1, 2):
+        _fake_seed(run_root / f"seed_{seed}", config, seed, 16_100_000)
+        folder = run_root / f"seed_{seed}"
+        (folder / "train.log").write_text(
+            f"  data_dir: {data_dir}\npython: 3.11.7\ntorch: 2.13.0+cu130\ngpu: NVIDIA H200\n"
+            f"gpu_count: 1\nplatform: Linux-x\nworld_size:1 grad_accum_steps:8\ntorch: not this\n"
+            f"saved to {folder.resolve()}/final_model.pt\n")
+    out = tmp_path / "records"
+    summary = export(run_root, out)
+    assert summary["cap"] == 16_000_000 and summary["run_cap"] == 17_000_000
+    assert summary["fits_cap"] is False
+    assert summary["headroom_bytes"] == 16_000_000 - summary["bytes_total"] < 0
+    readme = (out / "README.md").read_text()
+    assert "EXCEEDS the contest's cap of 16,000,000 bytes" in readme and "17,000,000" in readme
+    assert summary["environment"]["1"]["torch"] == "2.13.0+cu130"
+    assert summary["environment"]["1"]["gpu"] == "NVIDIA H200"
+    assert "1 x NVIDIA H200; torch 2.13.0+cu130" in readme
+    assert summary["config_overrides"]["tokenizer_path"] == "./data/tokenizers/t.model"
+    assert "data_dir" not in summary["config_overrides"]  # ./data/ is the default
+    command = summary["reproduce"]["parlm"][0]
+    assert command.startswith("python -m parlm.run --nproc 1 --seeds 1 2 --set ")
+    assert "--set artifact_cap_bytes=17000000" in command
+    assert f"--set num_layers={tiny_config.num_layers}" in command
+    assert summary["reproduce"]["train_gpt"][1].startswith("python train_gpt.py seed=2 ")
+    assert command in readme and summary["reproduce"]["train_gpt"][0] in readme
+    for name in ("README.md", "submission.json", "train_seed1.log", "train_seed2.log"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text, name
+    assert "runs/raised/seed_1/final_model.pt" in (out / "train_seed1.log").read_text()

@@ -47,7 +47,7 @@ def plot_stage_bpb(evaluation: dict, train: dict | None = None) -> Figure:
     pad = max(0.02, (high - low) * 0.6)
     ax.set_ylim(low - pad, high + pad)
     ax.set_xticks(range(len(names)), [labels[n] for n in names], fontsize=8)
-    ax.set_ylabel("validation BPB")
+    ax.set_ylabel("validation BPB (bits/byte)")
     ax.set_title("BPB per evaluation stage")
     return fig
 
@@ -69,7 +69,7 @@ def plot_chunk_bpb(chunks: list[dict]) -> Figure:
         ax.plot(*zip(*after), marker="x", linestyle=":", color="tab:red",
                 label="diagnostic: re-scored after its update (not scored)")
     ax.set_xlabel("TTT chunk")
-    ax.set_ylabel("BPB of the chunk")
+    ax.set_ylabel("BPB of the chunk (bits/byte)")
     ax.set_title("Per-chunk BPB before and after adaptation")
     ax.legend(fontsize=8)
     return fig
@@ -97,7 +97,7 @@ def plot_cumulative_gain(chunks: list[dict]) -> Figure:
     else:
         ax.set_title("Cumulative TTT gain (needs the sliding stage)")
     ax.set_xlabel("validation position (tokens)")
-    ax.set_ylabel("sliding BPB − TTT BPB so far")
+    ax.set_ylabel("sliding BPB − TTT BPB so far (bits/byte)")
     return fig
 
 

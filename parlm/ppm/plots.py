@@ -19,23 +19,133 @@ CHOICE_COLORS = ("tab:green", "tab:blue", "tab:red")
 LEGACY = "legacy mixture (NOT normalized)"
 
 
+def _window(length: int, window: int) -> int:
+    return max(1, min(window, length // 10 or 1))
+
+
 def lambda_along_stream(traces: dict, window: int = 2000) -> Figure:
-    """Share of each gate choice in a sliding window of traced bytes, along the stream."""
-    fig = Figure(figsize=(9, 3.2), layout="constrained")
-    ax = fig.add_subplot()
+    """The mixture weight over the stream. Top: λ (the NN's weight in
+    p_mix = λ p_NN + (1-λ) p_PPM) per traced byte, averaged over a sliding window. Bottom: the
+    share of each gate choice in the same window (%)."""
+    fig = Figure(figsize=(9, 5.2), layout="constrained")
+    weight_ax, share_ax = fig.subplots(2, 1, sharex=True)
     choice = traces["trace_lambda_choice"]
     index = traces["trace_byte_index"]
-    window = max(1, min(window, len(choice) // 10 or 1))
+    window = _window(len(choice), window)
     kernel = np.ones(window) / window
+    if len(choice):
+        weight = np.convolve(traces["trace_lambda"].astype(float), kernel, mode="valid")
+        weight_ax.plot(index[window - 1:], weight, color="k", lw=1)
+        weight_ax.axhline(float(traces["trace_lambda"].mean()), color="tab:orange", ls="--", lw=1,
+                          label=f"mean over the stream {float(traces['trace_lambda'].mean()):.3f}")
+        weight_ax.legend(fontsize=8, loc="lower right")
+    weight_ax.set_ylabel("λ on the NN (fraction,\nwindow mean)")
+    weight_ax.set_ylim(0, 1.02)
+    fig.suptitle(f"Mixture weight along the stream (window of {window:,} traced bytes) — {LEGACY}",
+                 fontsize=11)
     for value in range(3):
         share = np.convolve((choice == value).astype(float), kernel, mode="valid")
-        ax.plot(index[window - 1:], share, label=CHOICE_LABELS[value], color=CHOICE_COLORS[value], lw=1)
-    ax.set_xlabel("byte index in the stream")
-    ax.set_ylabel(f"share (window of {window} traced bytes)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Gate choice along the stream — {LEGACY}")
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
+        share_ax.plot(index[window - 1:], 100 * share, label=CHOICE_LABELS[value],
+                      color=CHOICE_COLORS[value], lw=1)
+    share_ax.set_xlabel("byte index in the stream")
+    share_ax.set_ylabel("share of bytes (%)")
+    share_ax.set_ylim(0, 100)
+    share_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    for ax in (weight_ax, share_ax):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def surprisal_bits(traces: dict) -> np.ndarray:
+    """The NN's surprisal of each traced byte in bits, -ℓ/ln 2, where ℓ = log p_tok / n is the
+    realised token's log-probability spread over its n bytes (what the anti-hijack gate reads)."""
+    return -traces["trace_nn_logp"].astype(float) / math.log(2)
+
+
+def gate_decision_by_confidence(traces: dict, anti_hijack_nats: float = 0.277) -> Figure:
+    """The gate's decision against the NN's per-byte confidence. Top: among the traced bytes of
+    each surprisal bin (`surprisal_bits`), the share of each gate choice (%); the anti-hijack
+    threshold anti_hijack_nats/ln 2 bits is drawn: below it every byte is a skip (λ = 1). Bottom:
+    how the traced bytes spread over the bins (% of bytes)."""
+    fig = Figure(figsize=(9, 5.6), layout="constrained")
+    share_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(1.3, 1))
+    surprisal = surprisal_bits(traces)
+    choice = traces["trace_lambda_choice"]
+    threshold = anti_hijack_nats / math.log(2)
+    if len(surprisal):
+        top = max(float(np.quantile(surprisal, 0.99)), 2 * threshold)
+        width = (threshold if threshold > 0 else top / 10) / 5  # the threshold is a bin edge
+        edges = np.arange(0.0, top + width, width)
+        totals = np.histogram(np.clip(surprisal, 0, edges[-1]), bins=edges)[0].astype(float)
+        bottom = np.zeros(len(totals))
+        for value in range(3):
+            counts = np.histogram(np.clip(surprisal[choice == value], 0, edges[-1]), bins=edges)[0]
+            share = 100 * np.divide(counts, totals, out=np.zeros(len(totals)), where=totals > 0)
+            share_ax.bar(edges[:-1], share, width=width, bottom=bottom, align="edge",
+                         color=CHOICE_COLORS[value], label=CHOICE_LABELS[value])
+            bottom += share
+        count_ax.bar(edges[:-1], 100 * totals / totals.sum(), width=width, align="edge",
+                     color="tab:gray")
+    if threshold > 0:
+        for ax in (share_ax, count_ax):
+            ax.axvline(threshold, color="k", ls="--", lw=1.2)
+        skipped = 100 * float(np.mean(choice == 2)) if len(choice) else 0.0
+        share_ax.annotate(f"anti-hijack threshold {threshold:.2f} bits\n({anti_hijack_nats:g} nats, "
+                          f"p_NN > {math.exp(-anti_hijack_nats):.3f});\nbelow it λ = 1: "
+                          f"{skipped:.1f}% of bytes", (threshold, 50),
+                          xytext=(8, 0), textcoords="offset points", fontsize=8, va="center",
+                          bbox=dict(boxstyle="round", fc="white", alpha=0.85))
+    share_ax.set_ylabel("gate choice (% of the bin's bytes)")
+    share_ax.set_ylim(0, 100)
+    fig.suptitle(f"Gate decision against the NN's confidence — {LEGACY}", fontsize=11)
+    share_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    count_ax.set_ylabel("traced bytes (% of all)")
+    count_ax.set_xlabel("NN surprisal of the byte, −log2 p_tok^(1/n) (bits; last bin: 99th "
+                        "percentile and beyond)")
+    for ax in (share_ax, count_ax):
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def gate_bpb_contribution(traces: dict) -> Figure:
+    """What the gate does to the score, from the traced bytes split by gate choice. Left: each
+    group's contribution to the stream's BPB, sum over the group of -log2 p / all traced bytes
+    (bits/byte; the groups add up to the stream's BPB), for NN only, PPM only and the legacy
+    mix. Right: each group's own bits per byte, sum over the group / the group's bytes. For the
+    skipped bytes the mix IS the NN (λ = 1)."""
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    share_ax, own_ax = fig.subplots(1, 2)
+    choice = traces["trace_lambda_choice"]
+    series = (("trace_nn_logp", "NN only", "tab:blue"), ("trace_ppm_logp", "PPM only", "tab:green"),
+              ("trace_mix_logp", "legacy mix (NOT normalized)", "tab:red"))
+    order = (2, 1, 0)  # skipped (gated) first, then the two ungated λ choices
+    labels = [f"{CHOICE_LABELS[c]}\n{100 * np.mean(choice == c):.1f}% of bytes" if len(choice)
+              else CHOICE_LABELS[c] for c in order]
+    width = 0.27
+    total = max(len(choice), 1)
+    for offset, (key, label, color) in enumerate(series):
+        bits = -traces[key].astype(float) / math.log(2)
+        contribution = [bits[choice == c].sum() / total for c in order]
+        own = [bits[choice == c].mean() if np.any(choice == c) else math.nan for c in order]
+        positions = [i + (offset - 1) * width for i in range(len(order))]
+        share_ax.bar_label(share_ax.bar(positions, contribution, width, color=color,
+                                        label=f"{label}: total {sum(contribution):.3f}"),
+                           fmt="%.3f", fontsize=7)
+        own_ax.bar_label(own_ax.bar(positions, own, width, color=color, label=label),
+                         fmt="%.2f", fontsize=7)
+    share_ax.set_ylabel("contribution to the stream's BPB (bits/byte)")
+    share_ax.set_title("Share of the score by gate choice (groups add up)")
+    own_ax.set_ylabel("bits/byte within the group")
+    own_ax.set_title("Cost of a byte in each group")
+    for ax in (share_ax, own_ax):
+        ax.set_xticks(range(len(order)), labels, fontsize=8)
+        ax.margins(y=0.25)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="upper left")
+    stride = int(traces.get("trace_stride", 1))
+    sampled = "every byte" if stride == 1 else f"every {stride}-th byte"
+    fig.suptitle(f"What the anti-hijack gate does to the score ({len(choice):,} traced bytes: "
+                 f"{sampled}) — {LEGACY}", fontsize=10)
     return fig
 
 
@@ -85,7 +195,7 @@ def gate_skip_by_position_and_frequency(traces: dict) -> Figure:
         right.plot(centers, rates, marker="o", color="tab:red")
     right.set_xscale("log")
     right.set_xlabel("token frequency in the scored stream (log)")
-    right.set_ylabel("gate-skip rate of its bytes")
+    right.set_ylabel("gate-skip rate of its bytes (fraction)")
     right.set_title("Skips by token frequency")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -135,7 +245,7 @@ def audit_histogram(traces: dict) -> Figure:
     ax.axvline(1.0, color="k", ls="--", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("total probability implied over all candidates (log; a distribution gives 1)")
-    ax.set_ylabel("audited positions")
+    ax.set_ylabel("audited positions (count)")
     neural = str(traces.get("audit_neural", "spread"))
     ax.set_title(f"Normalization audit ({neural} NN log-probs)")
     ax.legend(fontsize=7)
@@ -170,6 +280,8 @@ def ppm_figures(run_dir) -> dict[str, Figure]:
     summary = read_json(run_dir / "ppm.json")
     evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else None
     figures = {
+        "gate_decision": gate_decision_by_confidence(traces, summary.get("anti_hijack_nats", 0.277)),
+        "gate_bpb_contribution": gate_bpb_contribution(traces),
         "lambda_along_stream": lambda_along_stream(traces),
         "confidence_histogram": confidence_histogram(traces, summary.get("conf_threshold", 0.9)),
         "gate_skip": gate_skip_by_position_and_frequency(traces),

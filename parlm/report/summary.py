@@ -1,4 +1,5 @@
-"""Per-seed summaries and the multi-seed report: statistics, a Welch t-test, plots, submission.
+"""Per-seed summaries and the multi-seed report: table, Welch t-test (parlm.report.stats), plots,
+submission.
 
 `summarize_seed(run_dir)` gathers one seed's stage results (train.json, quant.json, eval.json,
 ppm.json) into `summary.json`. `build_report(run_root, baseline, out_dir)` puts the seeds of a
@@ -15,13 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from parlm import runlog
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.artifact import ArtifactError, artifact_fault, rebuild_fix, verify_artifact
+from parlm.report.stats import WelchResult, mean, sample_std, welch_interval, welch_t_test  # noqa: F401
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
 
@@ -63,129 +64,6 @@ EVAL_SECONDS_KEYS = ("prequant_seconds", "quantized_seconds", "sliding_seconds",
 
 class MissingStageError(FileNotFoundError):
     """A stage result file a summary needs is absent; the message names the stage to run."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics (no scipy): sample moments, the regularized incomplete beta, Student t, Welch.
-
-def mean(values: Sequence[float]) -> float:
-    """Arithmetic mean sum(x)/n."""
-    values = list(values)
-    if not values:
-        raise ValueError("mean of no values")
-    return math.fsum(values) / len(values)
-
-
-def sample_std(values: Sequence[float]) -> float:
-    """Sample standard deviation sqrt(sum((x - mean)^2) / (n - 1)) (ddof=1, as the PR reports);
-    nan for fewer than two values."""
-    values = list(values)
-    if len(values) < 2:
-        return math.nan
-    m = mean(values)
-    return math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1))
-
-
-def _beta_continued_fraction(x: float, a: float, b: float) -> float:
-    """Continued fraction of I_x(a, b) (modified Lentz), valid for x < (a + 1)/(a + b + 2)."""
-    tiny, eps = 1e-300, 1e-16
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        for numerator in (m * (b - m) * x / ((a + m2 - 1.0) * (a + m2)),
-                          -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < eps:
-            return result
-    raise ArithmeticError(f"incomplete beta did not converge (x={x}, a={a}, b={b})")
-
-
-def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
-    """I_x(a, b) = B(x; a, b) / B(a, b) = (1/B(a,b)) * integral_0^x t^(a-1) (1-t)^(b-1) dt.
-
-    Evaluated with the continued fraction of Numerical Recipes (6.4), using the symmetry
-    I_x(a, b) = 1 - I_(1-x)(b, a) where the fraction converges slowly."""
-    if a <= 0 or b <= 0:
-        raise ValueError(f"a and b must be positive, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must lie in [0, 1], got {x}")
-    if x in (0.0, 1.0):
-        return x
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(x, a, b) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(1.0 - x, b, a) / b
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """Upper tail P(T > t) of Student's t with `df` degrees of freedom:
-    P(|T| > |t|) = I_(df/(df + t^2))(df/2, 1/2), halved and reflected by the sign of t."""
-    if df <= 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    two_sided = regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
-    return 0.5 * two_sided if t >= 0 else 1.0 - 0.5 * two_sided
-
-
-@dataclass
-class WelchResult:
-    """Welch's unequal-variance t-test of mean(a) - mean(b).
-
-    t = (mean_a - mean_b) / sqrt(var_a/n_a + var_b/n_b), var = sample variance (ddof=1);
-    df = (var_a/n_a + var_b/n_b)^2 / ((var_a/n_a)^2/(n_a-1) + (var_b/n_b)^2/(n_b-1))
-    (Welch-Satterthwaite); p_two_sided = P(|T_df| >= |t|); p_less = P(T_df <= t) tests
-    mean_a < mean_b (a lower BPB than the baseline)."""
-
-    mean_a: float
-    mean_b: float
-    std_a: float
-    std_b: float
-    n_a: int
-    n_b: int
-    difference: float
-    t: float
-    df: float
-    p_two_sided: float
-    p_less: float
-    p_greater: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
-    """Welch's t-test of two independent samples (each of at least two values); see WelchResult.
-
-    Two samples with zero variance give t = +-inf and p = 0 when the means differ, t = 0 and
-    p = 1 when they are equal."""
-    a, b = [float(x) for x in a], [float(x) for x in b]
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"Welch's t-test needs at least two values per sample, got {len(a)} and "
-                         f"{len(b)}; run more seeds (--seeds 42 314 999)")
-    mean_a, mean_b = mean(a), mean(b)
-    std_a, std_b = sample_std(a), sample_std(b)
-    share_a, share_b = std_a ** 2 / len(a), std_b ** 2 / len(b)
-    se2 = share_a + share_b
-    difference = mean_a - mean_b
-    if se2 == 0.0:
-        t = 0.0 if difference == 0 else math.copysign(math.inf, difference)
-        df = float(len(a) + len(b) - 2)
-    else:
-        t = difference / math.sqrt(se2)
-        df = se2 ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
-    upper = student_t_sf(t, df)
-    return WelchResult(mean_a=mean_a, mean_b=mean_b, std_a=std_a, std_b=std_b, n_a=len(a),
-                       n_b=len(b), difference=difference, t=t, df=df,
-                       p_two_sided=min(1.0, 2.0 * min(upper, 1.0 - upper)),
-                       p_less=1.0 - upper, p_greater=upper)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +251,8 @@ def export_submission(run_root: Path, out_dir: Path) -> dict[str, Any]:
         result = export(run_root, out_dir)
     except ExportError as exc:
         return {"exported": False, "reason": f"submission not exported: {exc}"}
-    keys = ("val_bpb", "val_bpb_std", "bytes_total", "bytes_code", "cap", "code_sha256")
+    keys = ("val_bpb", "val_bpb_std", "bytes_total", "bytes_code", "cap", "fits_cap", "run_cap",
+            "code_sha256")
     return {"exported": True, "path": str(out_dir), **{k: result.get(k) for k in keys}}
 
 
@@ -460,7 +339,7 @@ def format_report(report: dict[str, Any], table: bool = True) -> str:
         if welch:
             lines.append(
                 f"TTT BPB vs {baseline['label']}: diff {welch['difference']:+.5f} "
-                f"(t={welch['t']:.3f}, df={welch['df']:.2f}, p two-sided={welch['p_two_sided']:.3g}, "
+                f"(95% interval [{welch['low']:+.5f}, {welch['high']:+.5f}], t={welch['t']:.3f}, df={welch['df']:.2f}, p two-sided={welch['p_two_sided']:.3g}, "
                 f"p(ours lower)={welch['p_less']:.3g})")
         else:
             lines.append(f"TTT BPB vs {baseline['label']}: {baseline.get('welch_note')}")

@@ -8,21 +8,32 @@
 bytes_total of a seed = its compressed model bytes + the size of the exported train_gpt.py,
 i.e. of the file committed, not of whatever was counted at quantization time (SPEC 8.2); the
 export records whether the run counted the very same script (sha256) and refuses to write a
-folder in which any seed exceeds the cap.
+folder in which any seed exceeds the cap the run itself enforced (`artifact_cap_bytes`).
+submission.json always states the contest's cap (16,000,000 bytes) and whether the worst seed
+meets it, also for a run that raised its own cap to go on.
+
+The folder is portable: no absolute path of the machine that made it (data paths become
+`./data/...`, the checkout's path in the copied logs becomes `.`), the exact reproduce commands
+with every setting as a flag, and the environment the seeds were measured on (from the header
+of each train.log: python, torch, GPU or CPU).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import os
+import shlex
 from pathlib import Path
 
+from parlm.config import ARTIFACT_CAP_BYTES, PRESET_PATH_KEYS, PROJECT_ROOT
 from parlm.runlog import read_json, write_json
 from parlm.submission.build import build_submission_script, write_generated_file
 
 MANIFEST = ".parlm_export.json"
 LOG_PARTS = ("train.log", "quant.log", "eval.log")
 BPB_KEYS = ("prequant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb")
+# The environment lines of a train.log header (parlm.runlog.environment_info) that are recorded.
+ENVIRONMENT_KEYS = ("python", "torch", "gpu", "gpu_count", "cuda_available", "cpu_count", "platform")
 
 
 class ExportError(RuntimeError):
@@ -59,6 +70,79 @@ def seed_result(folder: Path, code_bytes: int, code_sha256: str) -> dict:
     return result
 
 
+def portable_path(value: str, data_dir: str) -> str:
+    """A data path without the machine's folders: `./data/<rest>` for a path inside `data_dir`
+    (data_dir itself is `./data/`), a path inside the checkout relative to it, else
+    `./data/<file name>`: the challenge's layout, which the README asks the reader to provide."""
+    if not value:
+        return value
+    path, data = Path(os.path.abspath(value)), Path(os.path.abspath(data_dir))
+    for base, prefix in ((data, "./data"), (PROJECT_ROOT, ".")):
+        try:
+            rest = path.relative_to(base).as_posix()
+        except ValueError:
+            continue
+        return f"{prefix}/" if rest == "." else f"{prefix}/{rest}"
+    return f"./data/{path.name}"
+
+
+def portable_overrides(config) -> dict:
+    """The settings of `config` that differ from Config()'s defaults (the seed left out), with
+    its data paths made portable (`portable_path`)."""
+    from parlm.config import Config
+
+    defaults = Config().to_dict()
+    values = config.to_dict()
+    changed = {k: v for k, v in values.items() if k != "seed" and v != defaults[k]}
+    for key in PRESET_PATH_KEYS:
+        if key in changed:
+            changed[key] = portable_path(str(changed[key]), str(values["data_dir"]))
+    return {k: v for k, v in changed.items() if v != defaults[k]}
+
+
+def reproduce_commands(overrides: dict, seeds, nproc: int) -> dict[str, list[str]]:
+    """The exact commands that rerun these seeds with these settings: the records folder's own
+    `train_gpt.py` (KEY=VALUE arguments) and parlm's pipeline (`--set KEY=VALUE` flags; without
+    --preset, so Config()'s defaults plus these flags are the whole config)."""
+    pairs = [shlex.quote(f"{key}={value}") for key, value in sorted(overrides.items())]
+    launcher = (f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py" if nproc > 1
+                else "python train_gpt.py")
+    script = [" ".join([launcher, f"seed={seed}", *pairs]) for seed in seeds]
+    flags = " ".join(f"--set {pair}" for pair in pairs)
+    pipeline = [f"python -m parlm.run --nproc {nproc} --seeds {' '.join(map(str, seeds))} {flags}".rstrip()]
+    return {"train_gpt": script, "parlm": pipeline}
+
+
+def measured_environment(folder: Path) -> dict:
+    """The environment a seed was trained on: the `key: value` lines of the first header of its
+    train.log (ENVIRONMENT_KEYS), plus train.json's device and world_size."""
+    found: dict = {}
+    log = folder / "train.log"
+    if log.exists():
+        with log.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(": ")
+                if key in ENVIRONMENT_KEYS and key not in found:
+                    found[key] = value.strip()
+                if line.startswith("world_size:"):  # the header has ended
+                    break
+    train = folder / "train.json"
+    if train.exists():
+        data = read_json(train)
+        found.update({k: data[k] for k in ("device", "world_size") if k in data})
+    return found
+
+
+def scrub_paths(text: str, run_root: Path, data_dir: str) -> str:
+    """A log without the machine's folders: the data folder becomes `./data`, the run folder
+    `runs/<id>`, the checkout `.`."""
+    for absolute, relative in ((os.path.abspath(data_dir).rstrip("/"), "./data"),
+                               (str(Path(run_root).resolve()), f"runs/{Path(run_root).name}"),
+                               (str(PROJECT_ROOT), ".")):
+        text = text.replace(absolute, relative)
+    return text
+
+
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     values = [v for v in values if isinstance(v, (int, float))]
     if not values:
@@ -79,6 +163,18 @@ def _prepare_folder(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _environment_text(environments: dict) -> list[str]:
+    lines = []
+    for seed, env in environments.items():
+        device = env.get("gpu") or env.get("device") or "unknown device"
+        count = env.get("world_size") or env.get("gpu_count") or 1
+        where = f"{count} x {device}" if env.get("gpu") else (
+            f"CPU ({env.get('cpu_count', '?')} cores)" if str(env.get("device")) == "cpu" else device)
+        lines.append(f"- seed {seed}: {where}; torch {env.get('torch', '?')}, python "
+                     f"{env.get('python', '?')}, {env.get('platform', '?')}")
+    return lines
+
+
 def readme_text(name: str, config, seeds: dict, summary: dict, script_form: str) -> str:
     """README.md of the records folder."""
     rows = ["| Seed | TTT BPB | Sliding BPB | Quantized BPB | Pre-quant BPB | Steps | bytes_total |",
@@ -88,10 +184,15 @@ def readme_text(name: str, config, seeds: dict, summary: dict, script_form: str)
         rows.append(f"| {seed} | {fmt(r['ttt_bpb'])} | {fmt(r['sliding_bpb'])} | {fmt(r['quantized_bpb'])} | "
                     f"{fmt(r['prequant_bpb'])} | {r['steps']} | {r['bytes_total']:,} |")
     cap = summary["cap"]
+    verdict = "meets" if summary["fits_cap"] else "EXCEEDS"
+    raised = ("" if summary["run_cap"] == cap else
+              f" (the run itself allowed {summary['run_cap']:,} bytes, so that it could go on)")
+    commands = summary["reproduce"]
     return "\n".join([
         f"# {name}", "",
         f"**val_bpb = {fmt(summary['val_bpb'])}** (TTT, mean of {len(seeds)} seed(s), std "
-        f"{fmt(summary['val_bpb_std'])}) | worst-case bytes_total {summary['bytes_total']:,} of {cap:,}", "",
+        f"{fmt(summary['val_bpb_std'])}) | worst-case bytes_total {summary['bytes_total']:,}: "
+        f"{verdict} the contest's cap of {cap:,} bytes{raised}", "",
         *rows, "",
         "## Artifact accounting", "",
         f"bytes_total = compressed model bytes (`final_model.int6.ptz`, GPTQ int6/int8 + brotli-11) + "
@@ -99,15 +200,19 @@ def readme_text(name: str, config, seeds: dict, summary: dict, script_form: str)
         f"The top-level bytes_total in submission.json is the largest over the seeds. "
         f"`train_gpt.py` is generated from the parlm package (`python -m parlm.submission build`); "
         f"it refuses to finish when model + code exceed the cap, and never writes over itself.", "",
+        "## Measured on", "",
+        *_environment_text(summary["environment"]), "",
         "## Reproduce", "",
-        "```",
-        "# data: the challenge's FineWeb export under ./data/ (datasets/ and tokenizers/)",
-        *[f"torchrun --standalone --nproc_per_node=8 train_gpt.py seed={seed}" for seed in seeds],
-        "```",
-        "Any config field can be set as KEY=VALUE (e.g. `data_dir=/path/to/data/`); outputs go to "
-        "`logs/seed_<seed>/`. Needs torch, numpy, sentencepiece, brotli, pyyaml and tqdm.", "",
-        f"Settings that differ from the reference defaults in these runs: "
-        f"{json.dumps(summary['config_overrides'], sort_keys=True)}", "",
+        f"With this folder's `train_gpt.py` (the data set `{config.resolved_dataset_name}` under "
+        "`./data/datasets/` and its tokenizer under `./data/tokenizers/`: the challenge's FineWeb "
+        "export, or the set `python -m parlm.data` builds; outputs go to `logs/seed_<seed>/`; needs "
+        "torch, numpy, sentencepiece, brotli, pyyaml and tqdm):", "",
+        "```", *commands["train_gpt"], "```", "",
+        "With the parlm workbook (every stage as a notebook, then this report), from a checkout "
+        "with the data under `./data/`:", "",
+        "```", *commands["parlm"], "```", "",
+        "Every setting that differs from the reference defaults is spelled out as a flag above; "
+        "submission.json lists them under `config_overrides`.", "",
     ])
 
 
@@ -132,28 +237,36 @@ def export(run_root, out_dir, name: str | None = None) -> dict:
         seeds[str(seed_config.seed)] = seed_result(folder, len(script), code_sha256)
         caps[str(seed_config.seed)] = seed_config.artifact_cap_bytes
     config = Config.load(folders[0] / "config.yaml")
-    cap = min(caps.values())
+    run_cap = min(caps.values())
     over = {seed: r["bytes_total"] for seed, r in seeds.items() if r["bytes_total"] > caps[seed]}
     if over:
         raise ExportError(f"seeds over the cap with this train_gpt.py ({len(script):,} bytes): "
                           + ", ".join(f"{s}: {b:,} > {caps[s]:,} (+{b - caps[s]:,})" for s, b in over.items()))
     val_bpb, val_bpb_std = _mean_std([r["ttt_bpb"] for r in seeds.values()])
-    defaults = Config().to_dict()
+    worst = max(r["bytes_total"] for r in seeds.values())
+    overrides = portable_overrides(config)
+    environments = {seed: measured_environment(folder) for folder, seed in zip(folders, seeds)}
+    nproc = max(int(env.get("world_size") or 1) for env in environments.values())
     summary = {
         "name": name or f"parlm {run_root.name}",
         "val_bpb": val_bpb, "val_bpb_std": val_bpb_std,
-        "bytes_total": max(r["bytes_total"] for r in seeds.values()),
-        "bytes_code": len(script), "cap": cap,
+        "bytes_total": worst,
+        "bytes_code": len(script),
+        "cap": ARTIFACT_CAP_BYTES, "fits_cap": worst <= ARTIFACT_CAP_BYTES,
+        "headroom_bytes": ARTIFACT_CAP_BYTES - worst, "run_cap": run_cap,
         "seeds": seeds,
+        "environment": environments,
         "code_sha256": code_sha256, "code_form": report["form"],
-        "config_overrides": {k: v for k, v in config.to_dict().items() if k != "seed" and v != defaults[k]},
+        "config_overrides": overrides,
+        "reproduce": reproduce_commands(overrides, list(seeds), nproc),
         "generator": "parlm.submission (python -m parlm.submission export)",
     }
     _prepare_folder(out_dir)
     write_generated_file(out_dir / "train_gpt.py", script)
     files = ["train_gpt.py", "submission.json", "README.md"]
     for folder, seed in zip(folders, seeds):
-        parts = [f"# ---- {part} ----\n" + (folder / part).read_text(encoding="utf-8")
+        parts = [f"# ---- {part} ----\n" + scrub_paths((folder / part).read_text(encoding="utf-8"), run_root,
+                                                         config.data_dir)
                  for part in LOG_PARTS if (folder / part).exists()]
         (out_dir / f"train_seed{seed}.log").write_text("\n".join(parts), encoding="utf-8")
         files.append(f"train_seed{seed}.log")

@@ -47,19 +47,21 @@ def plot_training(run_dir: str | os.PathLike, save: bool = True):
     ax_loss, ax_bpb, ax_lr, ax_speed = axes.ravel()
 
     ax_loss.plot(train["step"], train["train_loss"], marker=".", lw=1)
-    ax_loss.set(title="train loss (nats/token)", xlabel="step")
+    ax_loss.set(title="train loss", ylabel="train loss (nats/token)", xlabel="step")
     if val["step"]:
         ax_bpb.plot(val["step"], val["val_bpb"], marker="o", label="live model")
     if prequant["step"]:
         ax_bpb.plot(prequant["step"], prequant["val_bpb"], marker="*", ms=12, ls="none", label="EMA (pre-quant)")
-    ax_bpb.set(title="validation bits per byte", xlabel="step")
+    ax_bpb.set(title="validation BPB (EMA lags the live weights)", ylabel="validation BPB (bits/byte)",
+               xlabel="step")
     if val["step"] or prequant["step"]:
         ax_bpb.legend()
     ax_lr.plot(train["step"], train["lr_scale"], marker=".", lw=1)
-    ax_lr.set(title="LR multiplier (wallclock schedule)", xlabel="step", ylim=(-0.05, 1.05))
+    ax_lr.set(title="LR multiplier (wallclock schedule)", ylabel="LR / peak LR (fraction)", xlabel="step",
+               ylim=(-0.05, 1.05))
     ax_speed.plot(train["step"], train["tok_per_sec"], marker=".", lw=1, label="cumulative")
     ax_speed.plot(train["step"], train["tok_per_sec_interval"], marker=".", lw=1, label="over log interval")
-    ax_speed.set(title="throughput (tokens/s)", xlabel="step")
+    ax_speed.set(title="throughput", ylabel="tokens/s", xlabel="step")
     ax_speed.legend()
     if curves["looping_step"] is not None:
         for ax in axes.ravel():
