@@ -47,6 +47,8 @@ class Config:
     data_dir: str = "./data/"
     dataset_name: str = ""  # "" -> f"fineweb10B_sp{vocab_size}"
     tokenizer_path: str = ""  # "" -> <data_dir>/tokenizers/fineweb_{vocab_size}_bpe.model
+    text_transform: str = "none"  # none | caseops (PR #1729 lossless case operators; needs byte_accounting=sidecar)
+    byte_accounting: str = "tables"  # BPB bytes: tables (SentencePiece pieces, SPEC 1.6) | sidecar (raw text bytes per token)
     seed: int = 1337
     run_id: str = ""
     device: str = "auto"  # auto | cuda | cpu
@@ -253,10 +255,15 @@ class Config:
             "data_order": ("seed_and_rank", "rank"),
             "rope_precision": ROPE_PRECISIONS,
             "compressor": ("brotli", "lzma"),
+            "text_transform": ("none", "caseops"),
+            "byte_accounting": ("tables", "sidecar"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.text_transform == "caseops" and self.byte_accounting != "sidecar":
+            raise ConfigError("text_transform=caseops counts BPB in the original text's bytes only with "
+                              "byte_accounting=sidecar (the tables would count transformed bytes); set it")
         if self.model_dim % self.num_heads:
             raise ConfigError(f"model_dim={self.model_dim} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:

@@ -4,6 +4,13 @@ A shard is a 1,024-byte header of 256 little-endian int32 values (magic 20240520
 token count N, then zeros) followed by N little-endian uint16 token ids, so its size is exactly
 1024 + 2*N bytes. Every reader here checks that and raises `ShardError`, whose message is one
 line naming the file and the fault.
+
+A byte sidecar `fineweb_val_bytes_NNNNNN.bin` sits beside token shard `fineweb_val_NNNNNN.bin`
+(CaseOps data, PR #1729): the same 1,024-byte header layout with its own magic
+SIDECAR_MAGIC (20260418), version 1, count N equal to its token shard's count, then N
+little-endian uint16 values: the UTF-8 bytes of the ORIGINAL (untransformed) document text
+attributed to the token at the same position (0 for BOS). `read_sidecar_header` checks it
+like a token shard, plus the length agreement.
 """
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_SHARD_TOKENS = 2**31 - 1
+SIDECAR_MAGIC = 20260418  # the date of PR #1729; distinct from SHARD_MAGIC
+SIDECAR_VERSION = 1
+SIDECAR_INFIX = "_bytes_"  # fineweb_val_bytes_000000.bin beside fineweb_val_000000.bin
 
 
 class ShardError(ValueError):
@@ -40,8 +50,9 @@ class ShardHeader:
     file_bytes: int
 
 
-def write_shard(path: str | os.PathLike, tokens) -> None:
-    """Write `tokens` (ints in [0, 65535]) as a challenge shard at `path`.
+def write_shard(path: str | os.PathLike, tokens, magic: int = SHARD_MAGIC) -> None:
+    """Write `tokens` (ints in [0, 65535]) as a challenge shard at `path` (a byte sidecar
+    with magic=SIDECAR_MAGIC).
 
     The file is written beside its destination and renamed into place, so a reader never
     sees a half-written shard.
@@ -57,7 +68,7 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
             raise ValueError(f"{path}: token ids must lie in [0, 65535] to fit uint16 shards")
         array = array.astype(TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, array.size
+    header[0], header[1], header[2] = magic, SHARD_VERSION, array.size
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(temporary, "wb") as handle:
@@ -66,7 +77,7 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
     os.replace(temporary, path)
 
 
-def read_header(path: str | os.PathLike) -> ShardHeader:
+def read_header(path: str | os.PathLike, magic: int = SHARD_MAGIC) -> ShardHeader:
     """Read and check the header of `path` against SPEC 1.2 and the file size.
 
     Raises ShardError for: a missing file, a file shorter than the header, a bad magic, a bad
@@ -81,9 +92,10 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     if file_bytes < HEADER_BYTES:
         raise ShardError(path, f"truncated header: file has {file_bytes} bytes, a shard header needs {HEADER_BYTES}")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
-    if magic != SHARD_MAGIC:
-        raise ShardError(path, f"bad magic {magic} (expected {SHARD_MAGIC}); not a challenge shard")
+    found, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
+    if found != magic:
+        kind = "byte sidecar" if magic == SIDECAR_MAGIC else "challenge shard"
+        raise ShardError(path, f"bad magic {found} (expected {magic}); not a {kind}")
     if version != SHARD_VERSION:
         raise ShardError(path, f"bad version {version} (expected {SHARD_VERSION})")
     if num_tokens < 0:
@@ -140,6 +152,8 @@ def validate_shard(path: str | os.PathLike, vocab_size: int | None = None) -> Sh
 def shard_files(pattern: str | os.PathLike) -> list[Path]:
     """Files matching the glob `pattern` in sorted order; FileNotFoundError when none match."""
     files = [Path(p) for p in sorted(glob.glob(str(pattern)))]
+    if SIDECAR_INFIX not in Path(pattern).name:  # fineweb_val_*.bin also matches the sidecars
+        files = [f for f in files if SIDECAR_INFIX not in f.name]
     if not files:
         raise FileNotFoundError(f"no shard files match {pattern}; build or download the dataset "
                                 f"first (python -m parlm.data build|download --help)")
@@ -196,3 +210,51 @@ def token_statistics(path: str | os.PathLike, bos_id: int = 1) -> dict:
         "bos_count": int(counts[bos_id]) if 0 <= bos_id < counts.size else 0,
         "top_ids": [[int(i), int(counts[i])] for i in top if counts[i] > 0],
     }
+
+
+# --------------------------------------------------------------------------------------
+# Byte sidecars (module docstring)
+def sidecar_path(token_shard: str | os.PathLike) -> Path:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin (same folder)."""
+    token_shard = Path(token_shard)
+    split, _, index = token_shard.name.rpartition("_")
+    return token_shard.with_name(f"{split}{SIDECAR_INFIX}{index}")
+
+
+def write_sidecar(path: str | os.PathLike, byte_counts) -> None:
+    """Write per-token original byte counts (ints in [0, 65535]) as a byte sidecar."""
+    write_shard(path, byte_counts, magic=SIDECAR_MAGIC)
+
+
+def read_sidecar_header(path: str | os.PathLike, token_shard: str | os.PathLike | None = None) -> ShardHeader:
+    """Check a sidecar's header and size like `read_header` (magic SIDECAR_MAGIC), and that
+    its count equals the count of `token_shard` (when given); ShardError names the file."""
+    header = read_header(path, magic=SIDECAR_MAGIC)
+    if token_shard is not None:
+        tokens = read_header(token_shard).num_tokens
+        if tokens != header.num_tokens:
+            raise ShardError(path, f"length mismatch: sidecar has {header.num_tokens} entries but its token "
+                                   f"shard {Path(token_shard).name} has {tokens} tokens; rebuild the dataset")
+    return header
+
+
+def load_validation_byte_counts(pattern: str | os.PathLike, length: int) -> np.ndarray:
+    """The sidecar values of the validation stream (int32), aligned with
+    `load_validation_tokens(pattern, ...)`: the sidecars of the token shards matching
+    `pattern`, each checked against its shard, concatenated and cut to `length` entries.
+    Raises FileNotFoundError naming the missing sidecar."""
+    pieces, kept = [], 0
+    for token_shard in shard_files(pattern):
+        path = sidecar_path(token_shard)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: byte sidecar of {token_shard.name} not found; this dataset has no "
+                                    f"sidecar, so use byte_accounting=tables or rebuild it with a sidecar")
+        header = read_sidecar_header(path, token_shard)
+        values = np.fromfile(path, dtype=TOKEN_DTYPE, count=header.num_tokens, offset=HEADER_BYTES)
+        pieces.append(values[: max(length - kept, 0)].astype(np.int32))
+        kept += len(pieces[-1])
+        if kept >= length:
+            break
+    if kept < length:
+        raise ValueError(f"sidecars of {pattern} hold {kept} entries, fewer than the {length} tokens scored")
+    return np.concatenate(pieces)
