@@ -62,6 +62,8 @@ def _download(args) -> int:
         counts[state] = counts.get(state, 0) + 1
     print(f"{result['dataset_dir']} from {result['repo_id']}: "
           + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    if "counts" in result:
+        print("published counts match: " + ", ".join(f"{k}={v:,}" for k, v in result["counts"].items()))
     return 0
 
 
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download the cached FineWeb export",
                                    description="Download all validation shards, the first N train shards and the "
                                                "tokenizer of a challenge FineWeb export (resumable, size-checked).")
-    download.add_argument("--variant", default="sp8192", help="sp8192 (default), sp1024, ...")
+    download.add_argument("--variant", default="sp8192",
+                          help="sp8192 (default), sp1024, sp8192_caseops (PR #1729's CaseOps export), ...")
     download.add_argument("--train-shards", type=int, default=80, help="train shards to fetch (default 80)")
     download.add_argument("--data-dir", default="./data/", help="local root (a Config's data_dir)")
     download.add_argument("--repo-id", help="HF dataset repo (default: kevclark/parameter-golf for sp8192, "

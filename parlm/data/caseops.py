@@ -117,7 +117,7 @@ def encode(text: str) -> str:
     all_capitals = cased & (lengths >= 2) & (capitals_per_word == lengths)
     title = cased & ~all_capitals & (capitals_per_word == 1) & capital[starts]
     mixed = cased & ~all_capitals & ~title
-    capnext = np.flatnonzero(capital & mixed[np.maximum(ids, 0)] & (ids >= 0))
+    capnext = np.flatnonzero(capital & np.concatenate([mixed, [False]])[ids])  # ids == -1: outside words
     positions = np.concatenate([escapes, starts[all_capitals], starts[title], capnext])
     values = np.concatenate([np.full(len(escapes), _ESC), np.full(int(all_capitals.sum()), _ALLCAPS),
                              np.full(int(title.sum()), _TITLE), np.full(len(capnext), _CAPNEXT)])

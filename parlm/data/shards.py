@@ -238,12 +238,14 @@ def read_sidecar_header(path: str | os.PathLike, token_shard: str | os.PathLike 
     return header
 
 
-def load_validation_byte_counts(pattern: str | os.PathLike, length: int) -> np.ndarray:
+def load_validation_byte_counts(pattern: str | os.PathLike, length: int | None = None) -> np.ndarray:
     """The sidecar values of the validation stream (int32), aligned with
     `load_validation_tokens(pattern, ...)`: the sidecars of the token shards matching
-    `pattern`, each checked against its shard, concatenated and cut to `length` entries.
+    `pattern`, each checked against its shard, concatenated and cut to `length` entries
+    (None: all).
     Raises FileNotFoundError naming the missing sidecar."""
     pieces, kept = [], 0
+    length = np.iinfo(np.int64).max if length is None else length
     for token_shard in shard_files(pattern):
         path = sidecar_path(token_shard)
         if not path.is_file():
@@ -255,6 +257,6 @@ def load_validation_byte_counts(pattern: str | os.PathLike, length: int) -> np.n
         kept += len(pieces[-1])
         if kept >= length:
             break
-    if kept < length:
+    if kept < length and length != np.iinfo(np.int64).max:
         raise ValueError(f"sidecars of {pattern} hold {kept} entries, fewer than the {length} tokens scored")
     return np.concatenate(pieces)
