@@ -70,6 +70,7 @@ def test_byte_weights_by_hand():
     assert caseops.original_byte_weights(f"é{TITLE}", "none").tolist() == [2, 3]
 
 
+@pytest.mark.slow
 def test_round_trip_every_wiki2015_document(wiki_docs_path):
     """Every proxy document (9,000) survives the transform, and its byte weights sum to its
     UTF-8 length."""
