@@ -210,3 +210,18 @@ def test_config_requires_sidecar_for_caseops():
     for preset in ("proxy-caseops", "fineweb-caseops"):
         config = Config.from_preset(preset).validate()
         assert config.text_transform == "caseops" and config.byte_accounting == "sidecar"
+
+
+def test_build_cli_caseops(tmp_path, capsys):
+    from parlm.data.__main__ import main as data_main
+    from parlm.data.corpus import write_documents
+
+    docs = write_documents(TINY_DOCS, tmp_path / "tiny.jsonl")
+    assert data_main(["build", "--docs", str(docs), "--num-val-docs", "3", "--vocab-size", "320", "--out",
+                      str(tmp_path), "--text-transform", "caseops", "--workers", "1", "--quiet",
+                      "--tokenizer-out", str(tmp_path / "tok" / "c.model")]) == 0
+    printed = capsys.readouterr().out
+    raw = sum(len(t.encode("utf-8")) for t in TINY_DOCS[:3])
+    assert f"sidecar_bytes={raw:,}" in printed and "leak guard: 3 validation documents" in printed
+    assert (tmp_path / "tok" / "c.model").is_file()
+    assert (tmp_path / "datasets" / "tiny_caseops_sp320" / "fineweb_val_bytes_000000.bin").is_file()

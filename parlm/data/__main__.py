@@ -14,7 +14,8 @@ def _build(args) -> int:
                              vocab_size=args.vocab_size, name=args.name, overwrite=args.overwrite,
                              workers=args.workers, shard_tokens=args.shard_tokens,
                              tokenizer_train_docs=args.tokenizer_train_docs, progress=not args.quiet,
-                             text_transform=args.text_transform, byte_sidecar=args.byte_sidecar)
+                             text_transform=args.text_transform, byte_sidecar=args.byte_sidecar,
+                             tokenizer_out=args.tokenizer_out)
     splits = manifest["splits"]
     print(f"dataset {manifest['name']} in {args.out}/datasets/{manifest['name']} "
           f"(tokenizer {manifest['tokenizer']}, vocab {manifest['vocab_size']})")
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-tokens", type=int, default=10_000_000, help="tokens per shard (default 10,000,000)")
     build.add_argument("--tokenizer-train-docs", type=int, default=None,
                        help="train the tokenizer on only the first N training documents")
+    build.add_argument("--tokenizer-out", help="where the dataset's tokenizer goes (default DIR/tokenizers/...)")
     build.add_argument("--text-transform", choices=("none", "caseops"), default="none",
                        help="caseops: the lossless case-operator transform of PR #1729 (implies --byte-sidecar)")
     build.add_argument("--byte-sidecar", action="store_true",
