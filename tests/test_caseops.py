@@ -225,3 +225,17 @@ def test_build_cli_caseops(tmp_path, capsys):
     assert f"sidecar_bytes={raw:,}" in printed and "leak guard: 3 validation documents" in printed
     assert (tmp_path / "tok" / "c.model").is_file()
     assert (tmp_path / "datasets" / "tiny_caseops_sp320" / "fineweb_val_bytes_000000.bin").is_file()
+
+
+def test_piece_ends_match_sentencepiece(tiny_caseops):
+    """The wire-format reader agrees with SentencePiece's own ids and with the piece lengths."""
+    import sentencepiece as spm
+
+    from parlm.data.accounting import piece_ends
+
+    root, _ = tiny_caseops
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizers" / "tiny_caseops_320_bpe.model"))
+    text = encode("The NASA Launch: ünïcode ß 😀 and spaces")
+    ids, ends = piece_ends(sp.encode(text, out_type="serialized_proto"))
+    assert ids.tolist() == sp.encode(text)
+    assert ends[-1] == len(text.encode("utf-8")) and (np.diff(ends) >= 0).all()

@@ -109,9 +109,8 @@ def token_original_bytes(sp, text: str, transform: str) -> tuple[np.ndarray, np.
     the text's end; so text the normalizer drops (extra spaces) is charged to a neighbour
     and the counts sum to len(text.encode()) whenever the document has a token."""
     transformed = caseops.apply(transform, text)
-    pieces = sp.encode(transformed, out_type="proto").pieces
-    ids = np.fromiter((piece.id for piece in pieces), dtype=np.int64, count=len(pieces))
-    if not len(pieces):
+    ids, ends = piece_ends(sp.encode(transformed, out_type="serialized_proto"))
+    if not len(ids):
         return ids, np.zeros(0, dtype=np.int64)
     weights = caseops.original_byte_weights(transformed, transform)
     char_bytes = caseops.utf8_lengths(np.frombuffer(transformed.encode("utf-32-le"), dtype="<u4"))
@@ -119,8 +118,52 @@ def token_original_bytes(sp, text: str, transform: str) -> tuple[np.ndarray, np.
     per_byte = np.zeros(int(char_bytes.sum()), dtype=np.int64)
     per_byte[np.cumsum(char_bytes) - 1] = weights
     cumulative = np.concatenate([[0], np.cumsum(per_byte)])
-    ends = np.fromiter((piece.end for piece in pieces), dtype=np.int64, count=len(pieces))
     ends = np.maximum.accumulate(ends)
     ends[-1] = len(per_byte)
     counts = np.diff(np.concatenate([[0], cumulative[ends]]))
     return ids, counts
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def piece_ends(serialized: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, end byte offsets) of the pieces of a serialized SentencePieceText (what
+    `encode(out_type="serialized_proto")` returns), read from the protobuf wire format
+    without the protobuf package: field 2 = repeated piece {2: id, 5: end}."""
+    ids, ends, position = [], [], 0
+    while position < len(serialized):
+        key, position = _varint(serialized, position)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _varint(serialized, position)
+            continue
+        if wire != 2:
+            raise ValueError(f"unexpected protobuf wire type {wire} in a SentencePieceText")
+        length, position = _varint(serialized, position)
+        stop = position + length
+        if field == 2:  # one piece
+            piece_id = piece_end = 0
+            while position < stop:
+                key, position = _varint(serialized, position)
+                if key & 7 == 0:
+                    value, position = _varint(serialized, position)
+                    if key >> 3 == 2:
+                        piece_id = value
+                    elif key >> 3 == 5:
+                        piece_end = value
+                else:  # strings (piece, surface)
+                    skip, position = _varint(serialized, position)
+                    position += skip
+            ids.append(piece_id)
+            ends.append(piece_end)
+        position = stop
+    return np.asarray(ids, dtype=np.int64), np.asarray(ends, dtype=np.int64)
