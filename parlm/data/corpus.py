@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from parlm.data import caseops, leak
 from parlm.data.accounting import token_original_bytes
-from parlm.data.shards import shard_files, sidecar_path, write_shard, write_sidecar
+from parlm.data.shards import ShardWriter, shard_files, sidecar_path
 from parlm.data.tokenizer import ByteTables, NoTrainingText, load_tokenizer, train_tokenizer
 
 DEFAULT_SHARD_TOKENS = 10_000_000
@@ -211,46 +211,6 @@ def encode_batches(batches: Iterable[list[str]], model_path: str, workers: int, 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _init_worker, (model_path, options)) as pool:
         yield from pool.imap(_encode_batch, batches)
-
-
-class ShardWriter:
-    """Accumulates a split's token stream and writes `fineweb_<split>_NNNNNN.bin` shards of
-    exactly `shard_tokens` tokens (the last one shorter)."""
-
-    def __init__(self, directory: Path, shard_tokens: int, sidecar_splits: tuple[str, ...] = ()):
-        self.directory = directory
-        self.shard_tokens = shard_tokens
-        self.sidecar_splits = sidecar_splits  # splits whose shards get a byte sidecar
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.sidecar = np.zeros(shard_tokens, dtype=np.uint16)
-        self.fill = 0
-        self.split = "val"
-        self.files: dict[str, list[str]] = {"val": [], "train": []}
-
-    def add(self, split: str, tokens: np.ndarray, byte_counts: np.ndarray | None = None) -> None:
-        if split != self.split:
-            self.flush()
-            self.split = split
-        position = 0
-        while position < len(tokens):
-            take = min(self.shard_tokens - self.fill, len(tokens) - position)
-            self.buffer[self.fill:self.fill + take] = tokens[position:position + take]
-            if byte_counts is not None:
-                self.sidecar[self.fill:self.fill + take] = byte_counts[position:position + take]
-            self.fill += take
-            position += take
-            if self.fill == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.fill == 0:
-            return
-        name = f"fineweb_{self.split}_{len(self.files[self.split]):06d}.bin"
-        write_shard(self.directory / name, self.buffer[:self.fill])
-        if self.split in self.sidecar_splits:
-            write_sidecar(sidecar_path(self.directory / name), self.sidecar[:self.fill])
-        self.files[self.split].append(name)
-        self.fill = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -519,9 +479,15 @@ def ensure_dataset(config) -> dict:
                              text_transform=config.text_transform,
                              byte_sidecar=config.byte_accounting == "sidecar")
     missing = "its tokenizer " + str(tokenizer_path) if has_shards else "shards under " + str(dataset_dir)
+    caseops_build = config.text_transform == "caseops"
     if name.startswith("fineweb10B_sp"):
-        command = (f"python -m parlm.data download --variant sp{config.vocab_size} "
-                   f"--data-dir {config.data_dir}")
+        variant = f"sp{config.vocab_size}_caseops" if caseops_build else f"sp{config.vocab_size}"
+        command = f"python -m parlm.data download --variant {variant} --data-dir {config.data_dir}"
+    elif caseops_build:
+        command = (f"python -m parlm.data build --docs DOCS.jsonl[.xz] --vocab-size {config.vocab_size} "
+                   f"--text-transform caseops --num-val-docs K --out {config.data_dir} --name {name} "
+                   f"--tokenizer-out {tokenizer_path}  (the wiki2015 proxy: --docs "
+                   f"../shared/corpus/wiki2015/docs_selected.jsonl.xz --num-val-docs 250)")
     else:
         command = (f"python -m parlm.data build --docs DOCS.jsonl[.xz] --tokenizer {tokenizer_path} "
                    f"--num-val-docs K --out {config.data_dir} --name {name}  (e.g. the wiki2015 proxy: "

@@ -260,3 +260,43 @@ def load_validation_byte_counts(pattern: str | os.PathLike, length: int | None =
     if kept < length and length != np.iinfo(np.int64).max:
         raise ValueError(f"sidecars of {pattern} hold {kept} entries, fewer than the {length} tokens scored")
     return np.concatenate(pieces)
+
+
+class ShardWriter:
+    """Accumulates a split's token stream and writes `fineweb_<split>_NNNNNN.bin` shards of
+    exactly `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, directory: Path, shard_tokens: int, sidecar_splits: tuple[str, ...] = ()):
+        self.directory = directory
+        self.shard_tokens = shard_tokens
+        self.sidecar_splits = sidecar_splits  # splits whose shards get a byte sidecar
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.sidecar = np.zeros(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.split = "val"
+        self.files: dict[str, list[str]] = {"val": [], "train": []}
+
+    def add(self, split: str, tokens: np.ndarray, byte_counts: np.ndarray | None = None) -> None:
+        if split != self.split:
+            self.flush()
+            self.split = split
+        position = 0
+        while position < len(tokens):
+            take = min(self.shard_tokens - self.fill, len(tokens) - position)
+            self.buffer[self.fill:self.fill + take] = tokens[position:position + take]
+            if byte_counts is not None:
+                self.sidecar[self.fill:self.fill + take] = byte_counts[position:position + take]
+            self.fill += take
+            position += take
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"fineweb_{self.split}_{len(self.files[self.split]):06d}.bin"
+        write_shard(self.directory / name, self.buffer[:self.fill])
+        if self.split in self.sidecar_splits:
+            write_sidecar(sidecar_path(self.directory / name), self.sidecar[:self.fill])
+        self.files[self.split].append(name)
+        self.fill = 0
