@@ -76,6 +76,8 @@ class Config:
     data_dir: str = "./data/"
     dataset_name: str = ""  # "" -> f"fineweb10B_sp{vocab_size}"
     tokenizer_path: str = ""  # "" -> <data_dir>/tokenizers/fineweb_{vocab_size}_bpe.model
+    text_transform: str = "none"  # none | caseops (PR #1729 lossless case operators; needs byte_accounting=sidecar)
+    byte_accounting: str = "tables"  # BPB bytes: tables (SentencePiece pieces, SPEC 1.6) | sidecar (raw text bytes per token)
     seed: int = 1337
     run_id: str = ""
     device: str = "auto"  # auto | cuda | cpu
@@ -426,6 +428,8 @@ FIELD_RULES: dict[str, Allowed] = {
     "compile": one_of("auto", "on", "off"),
     "attention_backend": one_of(*ATTENTION_BACKENDS),
     "rope_precision": one_of(*ROPE_PRECISIONS),
+    "text_transform": one_of("none", "caseops"),
+    "byte_accounting": one_of("tables", "sidecar"),
     "data_order": one_of("seed_and_rank", "rank"),
     "micro_batches_per_step": COUNT,
     "val_max_tokens": at_least(0, "0 = the whole validation stream"),
@@ -521,6 +525,10 @@ def _key_bits(vocab_size: int) -> int:
 
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(("text_transform", "byte_accounting"),
+                   lambda c: c.text_transform != "caseops" or c.byte_accounting == "sidecar",
+                   lambda c: "text_transform=caseops counts BPB in the original text's bytes only with "
+                             "byte_accounting=sidecar (the tables would count transformed bytes); set it"),
     CrossFieldRule(("model_dim", "num_heads"), lambda c: c.model_dim % c.num_heads == 0,
                    lambda c: f"model_dim={c.model_dim} must be a multiple of num_heads={c.num_heads}"),
     CrossFieldRule(("num_heads", "num_kv_heads"), lambda c: c.num_heads % c.num_kv_heads == 0,

@@ -166,3 +166,28 @@ def test_cli_help_for_every_command():
         result = subprocess.run([sys.executable, "-m", "parlm.data", *command, "--help"],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_caseops_overview_for_notebook(tmp_path):
+    """The notebook-01 CaseOps summary on two tiny builds (plain with a sidecar, CaseOps)."""
+    from parlm.config import Config
+    from parlm.data.corpus import build_dataset, write_documents
+    from parlm.data.plots import caseops_overview, format_caseops_overview, plot_bytes_per_token
+
+    texts = ["The NASA Launch", "iPhone OpenAI Tested"] + [f"Doc {i} About The Thing {i}." for i in range(20)]
+    docs = write_documents(texts, tmp_path / "tiny.jsonl")
+    configs = {}
+    for transform in ("none", "caseops"):
+        manifest = build_dataset(docs, tmp_path, num_val_docs=2, vocab_size=300, workers=1, progress=False,
+                                 text_transform=transform, byte_sidecar=True)
+        configs[transform] = Config().replace(
+            data_dir=str(tmp_path), dataset_name=manifest["name"], vocab_size=300, byte_accounting="sidecar",
+            text_transform=transform, tokenizer_path=str(tmp_path / manifest["tokenizer"]))
+    overview = caseops_overview(configs["none"], configs["caseops"])
+    raw = len("The NASA Launch".encode()) + len("iPhone OpenAI Tested".encode())
+    assert overview["bytes_per_token"]["plain"]["raw_bytes"] == raw == overview["bytes_per_token"]["caseops"]["raw_bytes"]
+    assert all(row["round_trip"] for row in overview["examples"])
+    assert overview["examples"][0]["caseops"] == "⟨T⟩the ⟨A⟩nasa ⟨T⟩launch"
+    assert overview["leak_guard"]["caseops"]["ok"] and overview["leak_guard"]["plain"]["leaked"] == 0
+    assert "leak guard, caseops: no validation document" in format_caseops_overview(overview)
+    plot_bytes_per_token(overview)

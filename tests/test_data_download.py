@@ -177,3 +177,74 @@ def test_cli_download(hub, tmp_path, capsys):
                         str(tmp_path / "d"), "--repo-id", REPO, "--endpoint", hub.endpoint, "--quiet"])
     assert status == 0
     assert "5 downloaded" in capsys.readouterr().out  # manifest, val, 1 train, model, vocab
+
+
+# ---- the CaseOps export (PR #1729): sidecars and published counts -----------------------------
+CASEOPS_DIR = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def make_caseops_repo(tmp_path) -> tuple[dict[str, bytes], dict]:
+    """A fake CaseOps export: 2 val shards with sidecars in the published (token-shard magic)
+    format, 3 train shards; and its counts worked out here."""
+    rng = np.random.default_rng(1)
+    root = f"datasets/datasets/{CASEOPS_DIR}"
+    files, sidecars, val_tokens = {}, [], 0
+    for i, n in enumerate((70, 45)):
+        files[f"{root}/fineweb_val_{i:06d}.bin"] = shard_bytes(tmp_path, f"v{i}", rng.integers(0, 8192, n))
+        values = rng.integers(0, 9, n)
+        sidecars.append(values)
+        files[f"{root}/fineweb_val_bytes_{i:06d}.bin"] = shard_bytes(tmp_path, f"b{i}", values)
+        val_tokens += n
+    for i in range(3):
+        files[f"{root}/fineweb_train_{i:06d}.bin"] = shard_bytes(tmp_path, f"t{i}", rng.integers(0, 8192, 500))
+    files["datasets/tokenizers/caseops.model"] = b"model" * 10
+    manifest = {"datasets": [{"name": CASEOPS_DIR, "tokenizer_name": "caseops", "val_bytes_glob": "x",
+                              "stats": {"files_train": 3, "files_val": 2}}],
+                "tokenizers": [{"name": "caseops", "model_path": "tokenizers/caseops.model"}]}
+    files["datasets/manifest.json"] = json.dumps(manifest).encode()
+    stream = [int(v) for values in sidecars for v in values]
+    scored = (val_tokens - 1) // 16 * 16
+    published = dict(train_shards=3, val_tokens=val_tokens, val_scored_tokens=scored, eval_seq_len=16,
+                     raw_bytes=sum(stream[1:scored + 1]))
+    return files, published
+
+
+def test_caseops_download_checks_published_counts(tmp_path, monkeypatch):
+    import parlm.data.download as download_module
+    from parlm.data.shards import SIDECAR_MAGIC, load_validation_byte_counts
+
+    files, published = make_caseops_repo(tmp_path)
+    server = FakeHub(files)
+    server.thread.start()
+    try:
+        monkeypatch.setattr(download_module, "CASEOPS_PUBLISHED", published)
+        data = tmp_path / "data"
+        result = download_dataset("sp8192_caseops", 3, data, repo_id=REPO, endpoint=server.endpoint,
+                                  token=False, progress=False)
+        assert result["counts"]["raw_bytes"] == published["raw_bytes"]
+        assert result["counts"]["val_tokens"] == 115 and result["counts"]["train_shards"] == 3
+        folder = data / "datasets" / CASEOPS_DIR
+        sidecar = (folder / "fineweb_val_bytes_000000.bin").read_bytes()
+        remote = files[f"datasets/datasets/{CASEOPS_DIR}/fineweb_val_bytes_000000.bin"]
+        assert int.from_bytes(sidecar[:4], "little") == SIDECAR_MAGIC and sidecar[4:] == remote[4:]
+        assert len(load_validation_byte_counts(folder / "fineweb_val_*.bin")) == 115
+        # a published count that differs: one line naming the count
+        monkeypatch.setattr(download_module, "CASEOPS_PUBLISHED", dict(published, raw_bytes=published["raw_bytes"] + 1))
+        with pytest.raises(DownloadError, match="raw_bytes is") as info:
+            download_dataset("sp8192_caseops", 3, data, repo_id=REPO, endpoint=server.endpoint,
+                             token=False, progress=False)
+        assert "\n" not in str(info.value)
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
+        server.thread.join(timeout=10)
+
+
+def test_caseops_published_constants():
+    from parlm.data.download import CASEOPS_PUBLISHED, dataset_dir_for_variant, default_repo
+
+    assert default_repo("sp8192_caseops") == "romeerp/parameter-golf-caseops-v1"
+    assert dataset_dir_for_variant("sp8192_caseops") == CASEOPS_DIR
+    published = CASEOPS_PUBLISHED
+    assert (published["val_tokens"] - 1) // 2048 * 2048 == published["val_scored_tokens"] == 47_851_520
+    assert published["train_shards"] == 80 and published["raw_bytes"] == 151_074_309

@@ -1,5 +1,6 @@
 """parlm.data: challenge-format shards, SentencePiece tokenizers and byte tables, the corpus
-builder, the FineWeb downloader and the training-batch sampler (SPEC section 1).
+builder, the FineWeb downloader and the training-batch sampler (SPEC section 1), the CaseOps
+transform (caseops), the one BPB byte accounting (accounting) and the leak guard (leak).
 
 CLI: `python -m parlm.data {build,inspect,download,tokenizer} --help`. The names below are
 imported on first use, so `python -m parlm.data inspect` starts without loading torch.
@@ -14,6 +15,7 @@ _EXPORTS = {
     "ByteTables": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "ShuffledSequenceLoader": "loader", "build_dataset": "corpus", "ensure_dataset": "corpus",
     "download_dataset": "download",
+    "SidecarBytes": "accounting", "byte_accounting": "accounting", "LeakError": "leak",
 }
 __all__ = sorted(_EXPORTS)
 

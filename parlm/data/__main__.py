@@ -13,14 +13,20 @@ def _build(args) -> int:
     manifest = build_dataset(args.docs, args.out, num_val_docs=args.num_val_docs, tokenizer=args.tokenizer,
                              vocab_size=args.vocab_size, name=args.name, overwrite=args.overwrite,
                              workers=args.workers, shard_tokens=args.shard_tokens,
-                             tokenizer_train_docs=args.tokenizer_train_docs, progress=not args.quiet)
+                             tokenizer_train_docs=args.tokenizer_train_docs, progress=not args.quiet,
+                             text_transform=args.text_transform, byte_sidecar=args.byte_sidecar,
+                             tokenizer_out=args.tokenizer_out)
     splits = manifest["splits"]
     print(f"dataset {manifest['name']} in {args.out}/datasets/{manifest['name']} "
           f"(tokenizer {manifest['tokenizer']}, vocab {manifest['vocab_size']})")
     for split in ("val", "train"):
         s = splits[split]
         print(f"  {split:5s} docs={s['docs']:,} tokens={s['tokens']:,} text_bytes={s['text_bytes']:,} "
-              f"scored_bytes={s['scored_bytes']:,} shards={len(s['files'])}")
+              f"scored_bytes={s['scored_bytes']:,} shards={len(s['files'])}"
+              + (f" sidecar_bytes={s['sidecar_bytes']:,}" if "sidecar_bytes" in s else ""))
+    guard = manifest["leak_guard"]
+    print(f"  leak guard: {len(guard['val_doc_sha256']):,} validation documents, none in the "
+          f"{guard['train_docs']:,} train documents")
     return 0
 
 
@@ -57,6 +63,8 @@ def _download(args) -> int:
         counts[state] = counts.get(state, 0) + 1
     print(f"{result['dataset_dir']} from {result['repo_id']}: "
           + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    if "counts" in result:
+        print("published counts match: " + ", ".join(f"{k}={v:,}" for k, v in result["counts"].items()))
     return 0
 
 
@@ -93,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-tokens", type=int, default=10_000_000, help="tokens per shard (default 10,000,000)")
     build.add_argument("--tokenizer-train-docs", type=int, default=None,
                        help="train the tokenizer on only the first N training documents")
+    build.add_argument("--tokenizer-out", help="where the dataset's tokenizer goes (default DIR/tokenizers/...)")
+    build.add_argument("--text-transform", choices=("none", "caseops"), default="none",
+                       help="caseops: the lossless case-operator transform of PR #1729 (implies --byte-sidecar)")
+    build.add_argument("--byte-sidecar", action="store_true",
+                       help="write fineweb_val_bytes_NNNNNN.bin (original text bytes per token)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(run=_build)
 
@@ -108,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download the cached FineWeb export",
                                    description="Download all validation shards, the first N train shards and the "
                                                "tokenizer of a challenge FineWeb export (resumable, size-checked).")
-    download.add_argument("--variant", default="sp8192", help="sp8192 (default), sp1024, ...")
+    download.add_argument("--variant", default="sp8192",
+                          help="sp8192 (default), sp1024, sp8192_caseops (PR #1729's CaseOps export), ...")
     download.add_argument("--train-shards", type=int, default=80, help="train shards to fetch (default 80)")
     download.add_argument("--data-dir", default="./data/", help="local root (a Config's data_dir)")
     download.add_argument("--repo-id", help="HF dataset repo (default: kevclark/parameter-golf for sp8192, "

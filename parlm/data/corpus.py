@@ -4,7 +4,9 @@ Layout written under an output root DIR (the `data_dir` of a Config):
 
     DIR/datasets/<name>/fineweb_val_000000.bin ...     first `num_val_docs` documents
     DIR/datasets/<name>/fineweb_train_000000.bin ...   the rest, `shard_tokens` per shard
-    DIR/datasets/<name>/manifest.json                   counts, checksums, versions
+    DIR/datasets/<name>/fineweb_val_bytes_000000.bin ... byte sidecars (CaseOps / byte_sidecar)
+    DIR/datasets/<name>/train_doc_hashes.u64            the leak guard's train hashes
+    DIR/datasets/<name>/manifest.json                   counts, checksums, versions, val hashes
     DIR/tokenizers/<model>.model                        the tokenizer the shards use
 
 As in the official export, every document is encoded and prefixed with BOS (id 1), no EOS is
@@ -34,7 +36,9 @@ import numpy as np
 import sentencepiece as spm
 from tqdm.auto import tqdm
 
-from parlm.data.shards import check_dataset_vocabulary, shard_files, write_shard
+from parlm.data import caseops, leak
+from parlm.data.accounting import token_original_bytes
+from parlm.data.shards import ShardWriter, check_dataset_vocabulary, shard_files, sidecar_path
 from parlm.data.tokenizer import ByteTables, NoTrainingText, load_tokenizer, train_tokenizer
 
 DEFAULT_SHARD_TOKENS = 10_000_000
@@ -145,18 +149,27 @@ def file_sha256(path: str | os.PathLike) -> str:
 _WORKER: dict = {}
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(model_path: str, options: dict) -> None:
     sp = spm.SentencePieceProcessor(model_file=model_path)
     _WORKER["sp"] = sp
     _WORKER["tables"] = ByteTables.from_tokenizer(sp)
+    _WORKER.update(options)
 
 
-def _encode_batch(lines: list[str]):
-    """Encode one batch: (uint16 BOS-prefixed token stream, per-document token counts,
-    UTF-8 text bytes, and bytes charged by the SPEC 1.6 tables)."""
-    sp, tables = _WORKER["sp"], _WORKER["tables"]
+def _encode_batch(job: tuple[int, list[str]]):
+    """Encode one batch (index of its first document, JSON lines): (uint16 BOS-prefixed
+    token stream, per-document token counts, UTF-8 text bytes, bytes charged by the SPEC 1.6
+    tables, the stream's original bytes per token (zeros unless the document is a
+    validation document of a build with sidecars), per-document leak-guard hashes)."""
+    sp, tables, transform = _WORKER["sp"], _WORKER["tables"], _WORKER["text_transform"]
+    first, lines = job
     texts = [parse_document(line) for line in lines]
-    encoded = sp.encode(texts, out_type=int, num_threads=1)  # parallelism comes from the workers
+    hashes = [leak.document_hash(text) for text in texts]
+    sidecar_docs = _WORKER["num_val_docs"] - first if _WORKER["byte_sidecar"] else 0
+    originals = [token_original_bytes(sp, text, transform) for text in texts[:max(sidecar_docs, 0)]]
+    rest = [caseops.apply(transform, text) for text in texts[len(originals):]]
+    encoded = [ids.tolist() for ids, _ in originals]
+    encoded += sp.encode(rest, out_type=int, num_threads=1)  # parallelism comes from the workers
     lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
     stream = np.empty(int(lengths.sum()), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -167,13 +180,28 @@ def _encode_batch(lines: list[str]):
     charged[1:] = tables.count_bytes(stream[1:], stream[:-1])  # BOS targets cost 0 bytes
     scored = np.add.reduceat(charged, starts) if len(stream) else np.zeros(0, np.int64)
     text_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    return stream.astype(np.uint16), lengths, text_bytes, scored
+    original = np.zeros(len(stream), dtype=np.int64)
+    for start, (_, counts) in zip(starts, originals):
+        original[start + 1:start + 1 + len(counts)] = counts
+    if original.size and original.max() > 65535:
+        raise ValueError("a token stands for more than 65535 bytes of text; the uint16 sidecar cannot hold it")
+    return stream.astype(np.uint16), lengths, text_bytes, scored, original.astype(np.uint16), hashes
 
 
-def encode_batches(batches: Iterable[list[str]], model_path: str, workers: int):
-    """Yield `_encode_batch` results in input order, using `workers` processes (1 = inline)."""
+def _numbered(batches: Iterable[list[str]]) -> Iterator[tuple[int, list[str]]]:
+    done = 0
+    for batch in batches:
+        yield done, batch
+        done += len(batch)
+
+
+def encode_batches(batches: Iterable[list[str]], model_path: str, workers: int, options: dict | None = None):
+    """Yield `_encode_batch` results in input order, using `workers` processes (1 = inline).
+    options: text_transform, byte_sidecar, num_val_docs (default: plain text, no sidecar)."""
+    options = dict(dict(text_transform="none", byte_sidecar=False, num_val_docs=0), **(options or {}))
+    batches = _numbered(batches)
     if workers <= 1:
-        _init_worker(model_path)
+        _init_worker(model_path, options)
         yield from map(_encode_batch, batches)
         return
     # fork: "spawn"/"forkserver" workers re-import the caller's __main__ (a script without a
@@ -181,42 +209,8 @@ def encode_batches(batches: Iterable[list[str]], model_path: str, workers: int):
     # run sentencepiece and NumPy, so the usual fork hazards (locks held by other threads of
     # the parent) do not reach them.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (model_path,)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (model_path, options)) as pool:
         yield from pool.imap(_encode_batch, batches)
-
-
-class ShardWriter:
-    """Accumulates a split's token stream and writes `fineweb_<split>_NNNNNN.bin` shards of
-    exactly `shard_tokens` tokens (the last one shorter)."""
-
-    def __init__(self, directory: Path, shard_tokens: int):
-        self.directory = directory
-        self.shard_tokens = shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.fill = 0
-        self.split = "val"
-        self.files: dict[str, list[str]] = {"val": [], "train": []}
-
-    def add(self, split: str, tokens: np.ndarray) -> None:
-        if split != self.split:
-            self.flush()
-            self.split = split
-        position = 0
-        while position < len(tokens):
-            take = min(self.shard_tokens - self.fill, len(tokens) - position)
-            self.buffer[self.fill:self.fill + take] = tokens[position:position + take]
-            self.fill += take
-            position += take
-            if self.fill == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.fill == 0:
-            return
-        name = f"fineweb_{self.split}_{len(self.files[self.split]):06d}.bin"
-        write_shard(self.directory / name, self.buffer[:self.fill])
-        self.files[self.split].append(name)
-        self.fill = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -252,10 +246,11 @@ def _tokenizer_target(docs_path: Path, out: Path, tokenizer, vocab_size, tokeniz
 
 
 def _prepare_tokenizer(docs_path: Path, target: Path, tokenizer, vocab_size, num_val_docs: int,
-                       overwrite: bool, tokenizer_train_docs: int | None) -> None:
+                       overwrite: bool, tokenizer_train_docs: int | None, text_transform: str = "none") -> None:
     """Copy a given model to `target` (or reuse it there), or train one on the training
     documents (those after the first num_val_docs, so validation text never shapes the
-    vocabulary)."""
+    vocabulary) under `text_transform`; CaseOps reserves its operators as user-defined
+    pieces (PR #1729)."""
     if tokenizer is not None:
         source = Path(tokenizer)
         load_tokenizer(source)  # clear error if missing
@@ -276,10 +271,11 @@ def _prepare_tokenizer(docs_path: Path, target: Path, tokenizer, vocab_size, num
                 continue
             if tokenizer_train_docs is not None and index >= num_val_docs + tokenizer_train_docs:
                 break
-            yield text
+            yield caseops.apply(text_transform, text)
 
+    overrides = dict(user_defined_symbols=list(caseops.OPERATORS)) if text_transform == "caseops" else {}
     try:
-        train_tokenizer(training_texts(), vocab_size, target)
+        train_tokenizer(training_texts(), vocab_size, target, **overrides)
     except NoTrainingText:
         raise ValueError(f"{docs_path} has no training text after the first num_val_docs={num_val_docs} "
                          f"documents; lower --num-val-docs") from None
@@ -289,7 +285,8 @@ def build_dataset(docs: str | os.PathLike, out: str | os.PathLike, *, num_val_do
                   tokenizer: str | os.PathLike | None = None, vocab_size: int | None = None,
                   name: str | None = None, overwrite: bool = False, workers: int | None = None,
                   shard_tokens: int = DEFAULT_SHARD_TOKENS, tokenizer_out: str | os.PathLike | None = None,
-                  tokenizer_train_docs: int | None = None, progress: bool = True) -> dict:
+                  tokenizer_train_docs: int | None = None, progress: bool = True,
+                  text_transform: str = "none", byte_sidecar: bool = False) -> dict:
     """Tokenize a document file into `out/datasets/<name>/` shards and return the manifest.
 
     docs: a `.jsonl`/`.jsonl.xz` file of `{"text": ...}` lines, or "stdlib" for the embedded
@@ -297,7 +294,15 @@ def build_dataset(docs: str | os.PathLike, out: str | os.PathLike, *, num_val_do
     to reuse; copied to `out/tokenizers/`) or `vocab_size` (train one with the official recipe)
     is required. The first `num_val_docs` documents form the validation split. An existing
     dataset is replaced (atomically) only when `overwrite` is true.
+
+    text_transform: "none" or "caseops" (PR #1729; implies byte_sidecar). byte_sidecar: write
+    the validation shards' byte sidecars (original text bytes per token, parlm.data.shards).
+    The leak guard (parlm.data.leak) hashes every document; a train document equal to a
+    validation document raises LeakError and no dataset is written.
     """
+    if text_transform not in caseops.TRANSFORMS:
+        raise ValueError(f"text_transform={text_transform!r}; expected one of {caseops.TRANSFORMS}")
+    byte_sidecar = byte_sidecar or text_transform == "caseops"
     out = Path(out)
     if (tokenizer is None) == (not vocab_size):
         raise ValueError("give exactly one of tokenizer (a .model to reuse) or vocab_size (train one)")
@@ -307,14 +312,17 @@ def build_dataset(docs: str | os.PathLike, out: str | os.PathLike, *, num_val_do
     if not docs_path.is_file():
         raise FileNotFoundError(f"document file {docs_path} not found")
     sp_vocab = vocab_size or int(load_tokenizer(tokenizer).vocab_size())
-    name = name or default_dataset_name(docs, sp_vocab)
+    marker = "_caseops" if text_transform == "caseops" else ""
+    name = name or default_dataset_name(docs, sp_vocab).replace("_sp", f"{marker}_sp")
     final = out / "datasets" / name
     _check_target(final, overwrite)
     model_path = _tokenizer_target(docs_path, out, tokenizer, vocab_size, tokenizer_out)
+    if marker and tokenizer is None and not tokenizer_out:  # <corpus>_caseops_<vocab>_bpe.model
+        model_path = model_path.with_name(model_path.name.replace(f"_{vocab_size}_bpe", f"{marker}_{vocab_size}_bpe"))
     tokenizer_existed = model_path.exists()
     try:
         _prepare_tokenizer(docs_path, model_path, tokenizer, vocab_size, num_val_docs, overwrite,
-                           tokenizer_train_docs)
+                           tokenizer_train_docs, text_transform)
         sp = load_tokenizer(model_path)
         if sp.vocab_size() > 65536:
             raise ValueError(f"{model_path} has {sp.vocab_size()} pieces; uint16 shards hold at most 65536")
@@ -322,9 +330,11 @@ def build_dataset(docs: str | os.PathLike, out: str | os.PathLike, *, num_val_do
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=final.parent))
         try:
             os.chmod(staging, 0o755)
-            totals = _write_shards(docs_path, staging, str(model_path), num_val_docs, shard_tokens,
-                                   workers or os.cpu_count() or 1, progress)
+            options = dict(text_transform=text_transform, byte_sidecar=byte_sidecar, num_val_docs=num_val_docs)
+            totals, guard = _write_shards(docs_path, staging, str(model_path), num_val_docs, shard_tokens,
+                                          workers or os.cpu_count() or 1, progress, options)
             manifest = _manifest(name, docs, docs_path, model_path, out, sp, num_val_docs, shard_tokens, totals)
+            manifest.update(text_transform=text_transform, byte_sidecar=byte_sidecar, leak_guard=guard)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             _check_target(final, overwrite)
             if final.exists():  # swap in the new folder, then delete the old one
@@ -346,17 +356,25 @@ def build_dataset(docs: str | os.PathLike, out: str | os.PathLike, *, num_val_do
 
 
 def _write_shards(docs_path: Path, directory: Path, model_path: str, num_val_docs: int,
-                  shard_tokens: int, workers: int, progress: bool) -> dict:
-    """Encode every document into `directory`'s shards; return per-split counts and files."""
-    writer = ShardWriter(directory, shard_tokens)
+                  shard_tokens: int, workers: int, progress: bool, options: dict) -> tuple[dict, dict]:
+    """Encode every document into `directory`'s shards; return per-split counts and files,
+    and the manifest's leak_guard block (raises LeakError when train holds a val document)."""
+    writer = ShardWriter(directory, shard_tokens, ("val",) if options["byte_sidecar"] else ())
     totals = {split: dict(docs=0, tokens=0, text_bytes=0, scored_bytes=0) for split in ("val", "train")}
+    if options["byte_sidecar"]:
+        totals["val"]["sidecar_bytes"] = 0
+    hashes = {"val": [], "train": []}
     batches = read_line_batches(docs_path, progress=progress)
-    for stream, lengths, text_bytes, scored in encode_batches(batches, model_path, workers):
+    for stream, lengths, text_bytes, scored, original, doc_hashes in encode_batches(
+            batches, model_path, workers, options):
         offset = 0
         done = totals["val"]["docs"] + totals["train"]["docs"]
         for split, lo, hi in _split_ranges(done, len(lengths), num_val_docs):
             count = int(lengths[lo:hi].sum())
-            writer.add(split, stream[offset:offset + count])
+            writer.add(split, stream[offset:offset + count], original[offset:offset + count])
+            hashes[split].extend(doc_hashes[lo:hi])
+            if split == "val" and options["byte_sidecar"]:
+                totals["val"]["sidecar_bytes"] += int(original[offset:offset + count].sum(dtype=np.int64))
             offset += count
             totals[split]["docs"] += hi - lo
             totals[split]["tokens"] += count
@@ -367,7 +385,12 @@ def _write_shards(docs_path: Path, directory: Path, model_path: str, num_val_doc
         raise ValueError(f"{docs_path} has {totals['val']['docs']} documents, fewer than num_val_docs={num_val_docs}")
     for split in totals:
         totals[split]["files"] = writer.files[split]
-    return totals
+    train_prefixes = leak.hash_prefix(hashes["train"])
+    leak.check_hashes(hashes["val"], train_prefixes, docs_path)
+    guard = {"normalization": "sha256 of NFC text, whitespace runs collapsed, stripped",
+             "val_doc_sha256": hashes["val"], "train_docs": len(hashes["train"]),
+             "train_hashes_file": leak.write_train_hashes(directory, train_prefixes), "leaked": 0}
+    return totals, guard
 
 
 def _split_ranges(docs_before: int, count: int, num_val_docs: int):
@@ -429,8 +452,10 @@ def ensure_dataset(config) -> dict:
     """Make sure the dataset and tokenizer of `config` exist and return the dataset manifest.
 
     - shards under config.datasets_dir and the tokenizer present: check the tokenizer's and
-      every shard's ids against config.vocab_size (ConfigError / ShardError), then return its
-      manifest (for a downloaded dataset without one, a manifest made from the shard headers);
+      every shard's ids against config.vocab_size (ConfigError / ShardError), check the text
+      transform and (byte_accounting=sidecar) every validation sidecar, run the leak guard
+      (parlm.data.leak.check_dataset; LeakError on a leak) and return its manifest (for a
+      downloaded dataset without one, a manifest made from the shard headers);
     - else, for a `stdlib_docs*` dataset: build the embedded corpus with a tokenizer trained at
       config.vocab_size and written at config.resolved_tokenizer_path (reused if present);
     - else FileNotFoundError naming the command that builds or downloads it.
@@ -444,22 +469,49 @@ def ensure_dataset(config) -> dict:
         manifest = read_manifest(dataset_dir)
         if manifest is None:
             manifest = _manifest_from_shards(dataset_dir, tokenizer_path)
+        _check_data_kind(config, manifest, dataset_dir)
+        leak.check_dataset(dataset_dir, manifest)  # raises LeakError; the manifest is returned as read
         return manifest
     name = config.resolved_dataset_name
     if name.startswith(STDLIB_CORPUS_NAME) and not has_shards:
         reuse = tokenizer_path if tokenizer_path.is_file() else None
         return build_dataset(STDLIB_CORPUS, config.data_dir, num_val_docs=STDLIB_NUM_VAL_DOCS,
                              tokenizer=reuse, vocab_size=None if reuse else config.vocab_size,
-                             name=name, tokenizer_out=tokenizer_path, progress=False)
+                             name=name, tokenizer_out=tokenizer_path, progress=False,
+                             text_transform=config.text_transform,
+                             byte_sidecar=config.byte_accounting == "sidecar")
     missing = "its tokenizer " + str(tokenizer_path) if has_shards else "shards under " + str(dataset_dir)
+    caseops_build = config.text_transform == "caseops"
     if name.startswith("fineweb10B_sp"):
-        command = (f"python -m parlm.data download --variant sp{config.vocab_size} "
-                   f"--data-dir {config.data_dir}")
+        variant = f"sp{config.vocab_size}_caseops" if caseops_build else f"sp{config.vocab_size}"
+        command = f"python -m parlm.data download --variant {variant} --data-dir {config.data_dir}"
+    elif caseops_build:
+        command = (f"python -m parlm.data build --docs DOCS.jsonl[.xz] --vocab-size {config.vocab_size} "
+                   f"--text-transform caseops --num-val-docs K --out {config.data_dir} --name {name} "
+                   f"--tokenizer-out {tokenizer_path}  (the wiki2015 proxy: --docs "
+                   f"../shared/corpus/wiki2015/docs_selected.jsonl.xz --num-val-docs 250)")
     else:
         command = (f"python -m parlm.data build --docs DOCS.jsonl[.xz] --tokenizer {tokenizer_path} "
                    f"--num-val-docs K --out {config.data_dir} --name {name}  (e.g. the wiki2015 proxy: "
                    f"--docs ../shared/corpus/wiki2015/docs_selected.jsonl.xz --num-val-docs 250)")
     raise FileNotFoundError(f"dataset {name!r} is missing {missing}; create it with: {command}")
+
+
+def _check_data_kind(config, manifest: dict, dataset_dir: Path) -> None:
+    """The dataset's text transform must be the config's, and with byte_accounting=sidecar
+    every validation shard needs a valid sidecar of its length (ShardError names the file)."""
+    from parlm.data.shards import read_sidecar_header
+
+    built = manifest.get("text_transform")
+    if built is not None and built != config.text_transform:
+        raise ValueError(f"{dataset_dir} was built with text_transform={built} but the config has "
+                         f"text_transform={config.text_transform}; set text_transform={built}")
+    if config.byte_accounting == "sidecar":
+        for token_shard in shard_files(dataset_dir / "fineweb_val_*.bin"):
+            if not sidecar_path(token_shard).is_file():
+                raise FileNotFoundError(f"{sidecar_path(token_shard)}: byte sidecar of {token_shard.name} not "
+                                        f"found; rebuild with --byte-sidecar or use byte_accounting=tables")
+            read_sidecar_header(sidecar_path(token_shard), token_shard)
 
 
 def _manifest_from_shards(dataset_dir: Path, tokenizer_path: Path) -> dict:

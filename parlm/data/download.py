@@ -16,12 +16,20 @@ request and retrying HTTP client). A run that stops leaves the `.part`, and the 
 resumes it with an HTTP range request. A finished file must have the size the server
 announced, and shards must pass the SPEC 1.2 header/size check; only then is it renamed into
 place. A file already in place with the announced size is skipped.
+
+CaseOps (PR #1729): variant `sp8192_caseops` (alias of the export's own name
+`sp8192_lossless_caps_caseops_v1_reserved`) comes from romeerp/parameter-golf-caseops-v1 and
+adds the validation byte sidecars `fineweb_val_bytes_NNNNNN.bin`. Those are published with the
+token-shard magic; once checked they are rewritten with parlm's SIDECAR_MAGIC header (payload
+unchanged), then `check_caseops_counts` compares the published counts (CASEOPS_PUBLISHED).
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
+
+import numpy as np
 from pathlib import Path
 
 from huggingface_hub import hf_hub_url
@@ -29,27 +37,42 @@ from huggingface_hub.file_download import get_hf_file_metadata, http_get
 from huggingface_hub.utils import build_hf_headers
 from tqdm.auto import tqdm
 
-from parlm.data.shards import ShardError, read_header
+from parlm.data.shards import (HEADER_BYTES, SHARD_MAGIC, SIDECAR_MAGIC, TOKEN_DTYPE, ShardError,
+                               read_header, read_sidecar_header, shard_files, sidecar_path)
 
 DEFAULT_REMOTE_ROOT = "datasets"
 DEFAULT_REPOS = {"sp8192": "kevclark/parameter-golf", "sp1024": "willdepueoai/parameter-golf"}
 FALLBACK_REPO = "willdepueoai/parameter-golf"
 DEFAULT_TRAIN_SHARDS = 80
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+VARIANT_ALIASES = {"sp8192_caseops": CASEOPS_VARIANT}
+DEFAULT_REPOS[CASEOPS_VARIANT] = "romeerp/parameter-golf-caseops-v1"
+# The public CaseOps export's counts (FRONTIER.md; PR #1729's logs: val_tokens 47851520).
+CASEOPS_PUBLISHED = dict(train_shards=80, val_tokens=47_853_343, val_scored_tokens=47_851_520,
+                         eval_seq_len=2048, raw_bytes=151_074_309)
 
 
 class DownloadError(RuntimeError):
     """A download that cannot complete; the message says which file and why."""
 
 
+def canonical_variant(variant: str) -> str:
+    """`sp8192_caseops` -> the CaseOps export's own name; other variants unchanged."""
+    return VARIANT_ALIASES.get(variant, variant)
+
+
 def default_repo(variant: str) -> str:
     """The published repo of a variant: sp8192 -> kevclark/parameter-golf (the export the
-    PR #1858 README points at), everything else -> willdepueoai/parameter-golf."""
-    return DEFAULT_REPOS.get(variant, FALLBACK_REPO)
+    PR #1858 README points at), CaseOps -> romeerp/parameter-golf-caseops-v1, everything
+    else -> willdepueoai/parameter-golf."""
+    return DEFAULT_REPOS.get(canonical_variant(variant), FALLBACK_REPO)
 
 
 def dataset_dir_for_variant(variant: str) -> str:
-    """`sp<V>` -> `fineweb10B_sp<V>`; `byte260` -> `fineweb10B_byte260`."""
-    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+    """`sp<V>` -> `fineweb10B_sp<V>`; `byte260` -> `fineweb10B_byte260`; CaseOps ->
+    `fineweb10B_sp8192_lossless_caps_caseops_v1_reserved`."""
+    variant = canonical_variant(variant)
+    if variant in ("byte260", CASEOPS_VARIANT) or (variant.startswith("sp") and variant[2:].isdigit()):
         return f"fineweb10B_{variant}"
     raise ValueError(f"unsupported variant {variant!r}; expected sp<VOCAB_SIZE> (sp8192, sp1024) or byte260")
 
@@ -94,6 +117,8 @@ def plan_download(manifest: dict, variant: str, train_shards: int, data_dir: Pat
     artifacts = [str(tokenizer[k]) for k in ("model_path", "vocab_path", "path") if tokenizer.get(k)]
     plan = DownloadPlan(repo_id, remote_root)
     remote_paths = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(files_val)]
+    if entry.get("val_bytes_glob") or canonical_variant(variant) == CASEOPS_VARIANT:
+        remote_paths += [f"datasets/{name}/fineweb_val_bytes_{i:06d}.bin" for i in range(files_val)]
     remote_paths += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     remote_paths += artifacts
     for relative in remote_paths:
@@ -156,6 +181,7 @@ def download_dataset(variant: str = "sp8192", train_shards: int = DEFAULT_TRAIN_
     huggingface_hub (None: its default lookup; False: send none).
     """
     data_dir = Path(data_dir)
+    variant = canonical_variant(variant)
     repo_id = repo_id or default_repo(variant)
     manifest_remote = _remote(remote_root, "manifest.json")
     manifest_local = local_path(manifest_remote, remote_root, data_dir)
@@ -166,4 +192,45 @@ def download_dataset(variant: str = "sp8192", train_shards: int = DEFAULT_TRAIN_
     for remote, destination in tqdm(plan.files, desc=f"download {variant}", unit="file", disable=not progress):
         results[str(destination)] = fetch_file(repo_id, remote, destination, **kwargs)
     dataset_dir = data_dir / "datasets" / dataset_dir_for_variant(variant)
-    return {"repo_id": repo_id, "dataset_dir": str(dataset_dir), "files": results}
+    out = {"repo_id": repo_id, "dataset_dir": str(dataset_dir), "files": results}
+    if variant == CASEOPS_VARIANT:
+        for token_shard in shard_files(dataset_dir / "fineweb_val_*.bin"):
+            adopt_published_sidecar(sidecar_path(token_shard), token_shard)
+        out["counts"] = check_caseops_counts(dataset_dir, manifest, train_shards, CASEOPS_PUBLISHED)
+    return out
+
+
+def adopt_published_sidecar(path: Path, token_shard: Path) -> None:
+    """Rewrite a sidecar published with the token-shard magic (PR #1729's export) to parlm's
+    sidecar header (SIDECAR_MAGIC, same payload), then check it against its token shard."""
+    header = np.fromfile(path, dtype="<i4", count=1)
+    if header.size and int(header[0]) == SHARD_MAGIC:
+        read_header(path)  # size and count agree with the published format
+        with open(path, "r+b") as handle:
+            handle.write(np.array([SIDECAR_MAGIC], dtype="<i4").tobytes())
+    read_sidecar_header(path, token_shard)
+
+
+def check_caseops_counts(dataset_dir: Path, manifest: dict, train_shards: int,
+                         published: dict = CASEOPS_PUBLISHED) -> dict:
+    """Compare the CaseOps export with its published counts: files_train in the manifest,
+    validation tokens (all, and scored at eval_seq_len), and the raw bytes of the sidecars
+    over the scored positions 1..val_scored_tokens (the BPB denominator; the whole-split sum
+    is reported beside it). DownloadError names the first count that differs."""
+    entry = next(d for d in manifest.get("datasets", []) if d.get("name") == dataset_dir.name)
+    files_train = int((entry.get("stats") or {}).get("files_train", 0))
+    val_files = shard_files(dataset_dir / "fineweb_val_*.bin")
+    val_tokens = sum(read_header(f).num_tokens for f in val_files)
+    seq_len = published["eval_seq_len"]
+    scored_tokens = (val_tokens - 1) // seq_len * seq_len
+    values = np.concatenate([np.fromfile(sidecar_path(f), dtype=TOKEN_DTYPE, offset=HEADER_BYTES)
+                             for f in val_files]).astype(np.int64)
+    counts = {"train_shards": files_train, "val_tokens": val_tokens, "val_scored_tokens": scored_tokens,
+              "raw_bytes": int(values[1:scored_tokens + 1].sum()), "raw_bytes_all": int(values.sum()),
+              "train_shards_downloaded": train_shards}
+    for key in ("train_shards", "val_tokens", "val_scored_tokens", "raw_bytes"):
+        if counts[key] != published[key]:
+            raise DownloadError(f"{dataset_dir}: {key} is {counts[key]:,} but the CaseOps export publishes "
+                                f"{published[key]:,}; the download is incomplete or not the public export "
+                                f"(delete it and download again)")
+    return counts

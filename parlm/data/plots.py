@@ -131,3 +131,84 @@ def _save(figure, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=110)
     return figure
+
+
+# ---- CaseOps (PR #1729) ---------------------------------------------------------------------
+CASEOPS_EXAMPLES = ("The NASA Launch", "iPhone OpenAI", "ΣΊΣΥΦΟΣ and Straße (ß, İ, ǅ kept)",
+                    "an operator \ue001 in the text")
+OPERATOR_LABELS = {"\ue001": "⟨T⟩", "\ue002": "⟨A⟩", "\ue003": "⟨C⟩", "\ue004": "⟨E⟩"}
+
+
+def show_operators(text: str) -> str:
+    """CaseOps text with its operators written as ⟨T⟩ TITLE, ⟨A⟩ ALLCAPS, ⟨C⟩ CAPNEXT, ⟨E⟩ ESC."""
+    return "".join(OPERATOR_LABELS.get(c, c) for c in text)
+
+
+def caseops_overview(plain_config, caseops_config, examples=CASEOPS_EXAMPLES) -> dict:
+    """What notebook 01 shows for CaseOps, from two built datasets (plain and CaseOps):
+
+    - examples: text, its CaseOps form, the round trip, and the token count with each tokenizer;
+    - bytes per token of each validation split: raw text bytes / tokens (CaseOps: the sidecar
+      sum, which equals the documents' raw bytes; plain: the manifest's text_bytes), beside
+      the SentencePiece-piece bytes / tokens of the tables;
+    - the leak guard's verdict on each dataset (parlm.data.leak.check_config).
+    """
+    from parlm.data import caseops, leak
+    from parlm.data.corpus import read_manifest
+    from parlm.data.tokenizer import load_tokenizer
+
+    plain_sp = load_tokenizer(plain_config.resolved_tokenizer_path)
+    caseops_sp = load_tokenizer(caseops_config.resolved_tokenizer_path)
+    rows = []
+    for text in examples:
+        encoded = caseops.encode(text)
+        rows.append({"text": text, "caseops": show_operators(encoded), "round_trip": caseops.decode(encoded) == text,
+                     "plain_tokens": len(plain_sp.encode(text)), "caseops_tokens": len(caseops_sp.encode(encoded))})
+    splits, verdicts = {}, {}
+    for label, config in (("plain", plain_config), ("caseops", caseops_config)):
+        manifest = read_manifest(config.datasets_dir) or {}
+        val = manifest.get("splits", {}).get("val", {})
+        raw = val.get("sidecar_bytes", val.get("text_bytes"))
+        splits[label] = {"tokens": val.get("tokens"), "raw_bytes": raw, "piece_bytes": val.get("scored_bytes"),
+                         "raw_bytes_per_token": raw / val["tokens"] if raw and val.get("tokens") else None,
+                         "piece_bytes_per_token": (val["scored_bytes"] / val["tokens"]
+                                                   if val.get("scored_bytes") and val.get("tokens") else None)}
+        try:
+            verdicts[label] = dict(leak.check_config(config), ok=True)
+        except leak.LeakError as error:
+            verdicts[label] = {"ok": False, "message": str(error)}
+    return {"examples": rows, "bytes_per_token": splits, "leak_guard": verdicts}
+
+
+def format_caseops_overview(overview: dict) -> str:
+    """The overview as text: examples, bytes per token before/after, leak-guard verdicts."""
+    lines = ["CaseOps examples (⟨T⟩ title, ⟨A⟩ all caps, ⟨C⟩ capital next, ⟨E⟩ escape):"]
+    for row in overview["examples"]:
+        lines.append(f"  {row['text']!r} -> {row['caseops']!r}  round trip {'ok' if row['round_trip'] else 'FAILED'}"
+                     f"  tokens plain {row['plain_tokens']} / caseops {row['caseops_tokens']}")
+    lines.append("validation bytes per token (raw text bytes; SentencePiece piece bytes):")
+    for label, s in overview["bytes_per_token"].items():
+        raw = f"{s['raw_bytes_per_token']:.4f}" if s["raw_bytes_per_token"] else "n/a"
+        piece = f"{s['piece_bytes_per_token']:.4f}" if s["piece_bytes_per_token"] else "n/a"
+        lines.append(f"  {label:8s} tokens={s['tokens'] or 0:,} raw_bytes={s['raw_bytes'] or 0:,} "
+                     f"raw/token={raw} pieces/token={piece}")
+    for label, verdict in overview["leak_guard"].items():
+        text = (f"no validation document in train ({verdict['val_docs']:,} checked by {verdict['method']})"
+                if verdict["ok"] else verdict["message"])
+        lines.append(f"leak guard, {label}: {text}")
+    return "\n".join(lines)
+
+
+def plot_bytes_per_token(overview: dict, path: str | os.PathLike | None = None):
+    """Bars of raw text bytes per validation token, plain vs CaseOps."""
+    import matplotlib.pyplot as plt
+
+    labels = list(overview["bytes_per_token"])
+    values = [overview["bytes_per_token"][k]["raw_bytes_per_token"] or 0 for k in labels]
+    figure, axis = plt.subplots(figsize=(4, 3))
+    axis.bar(labels, values, color=["tab:gray", "tab:blue"][:len(labels)])
+    for index, value in enumerate(values):
+        axis.text(index, value, f"{value:.3f}", ha="center", va="bottom")
+    axis.set_ylabel("raw text bytes per validation token")
+    figure.tight_layout()
+    return _save(figure, path)

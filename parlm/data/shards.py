@@ -4,6 +4,13 @@ A shard is a 1,024-byte header of 256 little-endian int32 values (magic 20240520
 token count N, then zeros) followed by N little-endian uint16 token ids, so its size is exactly
 1024 + 2*N bytes. Every reader here checks that and raises `ShardError`, whose message is one
 line naming the file and the fault.
+
+A byte sidecar `fineweb_val_bytes_NNNNNN.bin` sits beside token shard `fineweb_val_NNNNNN.bin`
+(CaseOps data, PR #1729): the same 1,024-byte header layout with its own magic
+SIDECAR_MAGIC (20260418), version 1, count N equal to its token shard's count, then N
+little-endian uint16 values: the UTF-8 bytes of the ORIGINAL (untransformed) document text
+attributed to the token at the same position (0 for BOS). `read_sidecar_header` checks it
+like a token shard, plus the length agreement.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_SHARD_TOKENS = 2**31 - 1
 MAX_ID_CACHE = ".max_token_ids.json"  # per-shard max token id, see check_dataset_vocabulary
+SIDECAR_MAGIC = 20260418  # the date of PR #1729; distinct from SHARD_MAGIC
+SIDECAR_VERSION = 1
+SIDECAR_INFIX = "_bytes_"  # fineweb_val_bytes_000000.bin beside fineweb_val_000000.bin
 
 
 class ShardError(ValueError):
@@ -42,8 +52,9 @@ class ShardHeader:
     file_bytes: int
 
 
-def write_shard(path: str | os.PathLike, tokens) -> None:
-    """Write `tokens` (ints in [0, 65535]) as a challenge shard at `path`.
+def write_shard(path: str | os.PathLike, tokens, magic: int = SHARD_MAGIC) -> None:
+    """Write `tokens` (ints in [0, 65535]) as a challenge shard at `path` (a byte sidecar
+    with magic=SIDECAR_MAGIC).
 
     The file is written beside its destination and renamed into place, so a reader never
     sees a half-written shard.
@@ -59,7 +70,7 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
             raise ValueError(f"{path}: token ids must lie in [0, 65535] to fit uint16 shards")
         array = array.astype(TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, array.size
+    header[0], header[1], header[2] = magic, SHARD_VERSION, array.size
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(temporary, "wb") as handle:
@@ -68,7 +79,7 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
     os.replace(temporary, path)
 
 
-def read_header(path: str | os.PathLike) -> ShardHeader:
+def read_header(path: str | os.PathLike, magic: int = SHARD_MAGIC) -> ShardHeader:
     """Read and check the header of `path` against SPEC 1.2 and the file size.
 
     Raises ShardError for: a missing file, a file shorter than the header, a bad magic, a bad
@@ -83,9 +94,10 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     if file_bytes < HEADER_BYTES:
         raise ShardError(path, f"truncated header: file has {file_bytes} bytes, a shard header needs {HEADER_BYTES}")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
-    if magic != SHARD_MAGIC:
-        raise ShardError(path, f"bad magic {magic} (expected {SHARD_MAGIC}); not a challenge shard")
+    found, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
+    if found != magic:
+        kind = "byte sidecar" if magic == SIDECAR_MAGIC else "challenge shard"
+        raise ShardError(path, f"bad magic {found} (expected {magic}); not a {kind}")
     if version != SHARD_VERSION:
         raise ShardError(path, f"bad version {version} (expected {SHARD_VERSION})")
     if num_tokens < 0:
@@ -182,6 +194,8 @@ def check_dataset_vocabulary(dataset_dir: str | os.PathLike, vocab_size: int) ->
 def shard_files(pattern: str | os.PathLike) -> list[Path]:
     """Files matching the glob `pattern` in sorted order; FileNotFoundError when none match."""
     files = [Path(p) for p in sorted(glob.glob(str(pattern)))]
+    if SIDECAR_INFIX not in Path(pattern).name:  # fineweb_val_*.bin also matches the sidecars
+        files = [f for f in files if SIDECAR_INFIX not in f.name]
     if not files:
         raise FileNotFoundError(f"no shard files match {pattern}; build or download the dataset "
                                 f"first (python -m parlm.data build|download --help)")
@@ -238,3 +252,93 @@ def token_statistics(path: str | os.PathLike, bos_id: int = 1) -> dict:
         "bos_count": int(counts[bos_id]) if 0 <= bos_id < counts.size else 0,
         "top_ids": [[int(i), int(counts[i])] for i in top if counts[i] > 0],
     }
+
+
+# --------------------------------------------------------------------------------------
+# Byte sidecars (module docstring)
+def sidecar_path(token_shard: str | os.PathLike) -> Path:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin (same folder)."""
+    token_shard = Path(token_shard)
+    split, _, index = token_shard.name.rpartition("_")
+    return token_shard.with_name(f"{split}{SIDECAR_INFIX}{index}")
+
+
+def write_sidecar(path: str | os.PathLike, byte_counts) -> None:
+    """Write per-token original byte counts (ints in [0, 65535]) as a byte sidecar."""
+    write_shard(path, byte_counts, magic=SIDECAR_MAGIC)
+
+
+def read_sidecar_header(path: str | os.PathLike, token_shard: str | os.PathLike | None = None) -> ShardHeader:
+    """Check a sidecar's header and size like `read_header` (magic SIDECAR_MAGIC), and that
+    its count equals the count of `token_shard` (when given); ShardError names the file."""
+    header = read_header(path, magic=SIDECAR_MAGIC)
+    if token_shard is not None:
+        tokens = read_header(token_shard).num_tokens
+        if tokens != header.num_tokens:
+            raise ShardError(path, f"length mismatch: sidecar has {header.num_tokens} entries but its token "
+                                   f"shard {Path(token_shard).name} has {tokens} tokens; rebuild the dataset")
+    return header
+
+
+def load_validation_byte_counts(pattern: str | os.PathLike, length: int | None = None) -> np.ndarray:
+    """The sidecar values of the validation stream (int32), aligned with
+    `load_validation_tokens(pattern, ...)`: the sidecars of the token shards matching
+    `pattern`, each checked against its shard, concatenated and cut to `length` entries
+    (None: all).
+    Raises FileNotFoundError naming the missing sidecar."""
+    pieces, kept = [], 0
+    length = np.iinfo(np.int64).max if length is None else length
+    for token_shard in shard_files(pattern):
+        path = sidecar_path(token_shard)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: byte sidecar of {token_shard.name} not found; this dataset has no "
+                                    f"sidecar, so use byte_accounting=tables or rebuild it with a sidecar")
+        header = read_sidecar_header(path, token_shard)
+        values = np.fromfile(path, dtype=TOKEN_DTYPE, count=header.num_tokens, offset=HEADER_BYTES)
+        pieces.append(values[: max(length - kept, 0)].astype(np.int32))
+        kept += len(pieces[-1])
+        if kept >= length:
+            break
+    if kept < length and length != np.iinfo(np.int64).max:
+        raise ValueError(f"sidecars of {pattern} hold {kept} entries, fewer than the {length} tokens scored")
+    return np.concatenate(pieces)
+
+
+class ShardWriter:
+    """Accumulates a split's token stream and writes `fineweb_<split>_NNNNNN.bin` shards of
+    exactly `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, directory: Path, shard_tokens: int, sidecar_splits: tuple[str, ...] = ()):
+        self.directory = directory
+        self.shard_tokens = shard_tokens
+        self.sidecar_splits = sidecar_splits  # splits whose shards get a byte sidecar
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.sidecar = np.zeros(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.split = "val"
+        self.files: dict[str, list[str]] = {"val": [], "train": []}
+
+    def add(self, split: str, tokens: np.ndarray, byte_counts: np.ndarray | None = None) -> None:
+        if split != self.split:
+            self.flush()
+            self.split = split
+        position = 0
+        while position < len(tokens):
+            take = min(self.shard_tokens - self.fill, len(tokens) - position)
+            self.buffer[self.fill:self.fill + take] = tokens[position:position + take]
+            if byte_counts is not None:
+                self.sidecar[self.fill:self.fill + take] = byte_counts[position:position + take]
+            self.fill += take
+            position += take
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"fineweb_{self.split}_{len(self.files[self.split]):06d}.bin"
+        write_shard(self.directory / name, self.buffer[:self.fill])
+        if self.split in self.sidecar_splits:
+            write_sidecar(sidecar_path(self.directory / name), self.sidecar[:self.fill])
+        self.files[self.split].append(name)
+        self.fill = 0

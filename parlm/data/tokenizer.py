@@ -204,10 +204,13 @@ class ByteTables:
                 self.token_bytes)
         return self._device_tables[key]
 
-    def count_bytes(self, target, prev):
+    def count_bytes(self, target, prev, positions=None):
         """Bytes charged to each target token given its previous token (SPEC 1.6):
 
             bytes(t | p) = base_bytes[t] + [has_leading_space[t] and not is_boundary[p]]
+
+        `positions` (the targets' stream positions) is accepted and unused, so that callers
+        pass it alike to these tables and to `parlm.data.accounting.SidecarBytes`.
 
         `target` and `prev` are same-shape integer numpy arrays or torch tensors; the result
         has that shape, is int64, and is a torch tensor on target's device for torch input, a

@@ -1,0 +1,120 @@
+"""The train/validation leak guard (Issue #2127): hashes at build, re-checked at load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from parlm.data import leak
+from parlm.data.corpus import build_dataset, write_documents
+from parlm.data.leak import LeakError
+from parlm.data.shards import write_shard
+
+DOCS = [f"Document number {i}: some text about topic {i % 7} and a few words more." for i in range(30)]
+
+
+def _build(tmp_path, docs, name="tiny", **options):
+    path = write_documents(docs, tmp_path / f"{name}.jsonl")
+    return build_dataset(path, tmp_path, num_val_docs=5, vocab_size=300, workers=1, progress=False,
+                         name=name, **options)
+
+
+def test_normalization_and_hash_by_hand():
+    import hashlib
+
+    assert leak.normalize("  a\u0301  b\n\tc ") == "\u00e1 b c"
+    assert leak.document_hash("x  y") == hashlib.sha256(b"x y").hexdigest()
+
+
+@pytest.mark.parametrize("transform", ["none", "caseops"])
+def test_leaked_build_fails_and_writes_nothing(tmp_path, transform):
+    leaked = DOCS + [DOCS[2]]  # one validation document copied into train
+    with pytest.raises(LeakError) as info:
+        _build(tmp_path, leaked, text_transform=transform)
+    message = str(info.value)
+    assert "1 of the 5 validation documents" in message and "fix:" in message and "\n" not in message
+    assert not (tmp_path / "datasets" / "tiny").exists()
+    assert not (tmp_path / "datasets" / "tiny_caseops").exists()
+
+
+def test_whitespace_variant_of_a_validation_document_counts_as_leak(tmp_path):
+    with pytest.raises(LeakError, match="2 of the 5"):
+        _build(tmp_path, DOCS + ["  " + DOCS[0].replace(" ", "   "), DOCS[4] + "\n"])
+
+
+def test_clean_build_records_hashes_and_load_checks_them(tmp_path):
+    from parlm.config import Config
+    from parlm.data.corpus import ensure_dataset
+
+    manifest = _build(tmp_path, DOCS)
+    directory = tmp_path / "datasets" / "tiny"
+    guard = manifest["leak_guard"]
+    assert guard["val_doc_sha256"] == [leak.document_hash(t) for t in DOCS[:5]]
+    assert guard["train_docs"] == 25 and guard["leaked"] == 0
+    stored = np.fromfile(directory / leak.TRAIN_HASHES_FILE, dtype="<u8")
+    assert sorted(stored.tolist()) == sorted(int.from_bytes(bytes.fromhex(leak.document_hash(t))[:8], "little")
+                                             for t in DOCS[5:])
+    config = Config().replace(data_dir=str(tmp_path), dataset_name="tiny", vocab_size=300,
+                              tokenizer_path=str(tmp_path / "tokenizers" / "tiny_300_bpe.model"))
+    ensure_dataset(config)
+    assert leak.check_config(config)["method"] == "document sha256"
+    # a train hash file tampered to hold a validation document: the load fails
+    np.sort(np.append(stored, leak.hash_prefix([leak.document_hash(DOCS[1])]))).tofile(
+        directory / leak.TRAIN_HASHES_FILE)
+    with pytest.raises(LeakError, match="1 of the 5"):
+        ensure_dataset(config)
+
+
+def _hand_hashes(stream, bos=1):
+    """Documents of a token stream as tuples, the slow obvious way."""
+    docs, current = [], None
+    for token in stream:
+        if token == bos:
+            if current is not None:
+                docs.append(tuple(current))
+            current = []
+        elif current is not None:
+            current.append(int(token))
+    if current is not None:
+        docs.append(tuple(current))
+    return docs
+
+
+def test_token_level_check_without_manifest(tmp_path):
+    rng = np.random.default_rng(0)
+    val_docs = [rng.integers(4, 300, size=n).tolist() for n in (5, 9, 3)]
+    train_docs = [rng.integers(4, 300, size=n).tolist() for n in (7, 4, 12, 6)]
+    flat = lambda docs: [t for d in docs for t in [1] + d]
+    write_shard(tmp_path / "fineweb_val_000000.bin", flat(val_docs))
+    train = flat(train_docs)
+    write_shard(tmp_path / "fineweb_train_000000.bin", train[:10])  # documents cross shard boundaries
+    write_shard(tmp_path / "fineweb_train_000001.bin", train[10:])
+    assert leak.check_dataset(tmp_path, None) == {"method": "token sequences", "val_docs": 3, "leaked": 0}
+    paths = [tmp_path / "fineweb_train_000000.bin", tmp_path / "fineweb_train_000001.bin"]
+    assert len(set(leak.token_document_hashes(paths).tolist())) == len(set(_hand_hashes(train)))
+    # leak a validation document into the middle of train, split across the shard boundary
+    leaked = flat(train_docs[:1]) + [1] + val_docs[1] + flat(train_docs[1:])
+    write_shard(tmp_path / "fineweb_train_000000.bin", leaked[:12])
+    write_shard(tmp_path / "fineweb_train_000001.bin", leaked[12:])
+    with pytest.raises(LeakError, match="1 of the 3 validation documents"):
+        leak.check_dataset(tmp_path, None)
+    cached = json.loads((tmp_path / leak.TOKEN_CHECK_FILE).read_text())
+    assert cached["leaked"] == 1
+    with pytest.raises(LeakError):  # the cached verdict, same files
+        leak.check_token_leak(tmp_path)
+
+
+def test_token_check_speed_on_proxy_sized_stream(tmp_path):
+    """38M tokens (the proxy's train split) are checked in seconds: here 2M tokens."""
+    import time
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(4, 8192, size=2_000_000).astype(np.uint16)
+    tokens[rng.choice(len(tokens), size=500, replace=False)] = 1
+    tokens[0] = 1
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    start = time.perf_counter()
+    hashes = leak.token_document_hashes([tmp_path / "fineweb_train_000000.bin"])
+    assert time.perf_counter() - start < 5
+    assert len(hashes) == int((tokens == 1).sum())
