@@ -146,7 +146,7 @@ class Config:
     ttt_diagnostic_after: bool = False
 
     # ---- quantization and artifact (SPEC 4) ---------------------------------------------
-    compressor: str = "brotli"  # brotli | lzma
+    compressor: str = "brotli"  # brotli | lzma | per_group (#1855-like per-group choice, stdlib + brotli only)
     gptq_calibration_batches: int = 64
     gptq_reserve_seconds: float = 12.0
     matrix_bits: int = 6
@@ -159,6 +159,14 @@ class Config:
     # Float tensors with <= this many elements are stored fp16; larger ones (and the block
     # linears that get calibration Hessians) go through GPTQ. 65,536 in the reference (SPEC 4.4).
     quant_passthrough_max_numel: int = 65536
+    # frontier quantization switches (issue 17), all off by default (PR #1858 behaviour)
+    mlp_clip_sigmas: float = 0.0  # SDClip k for MLP weights (#1769: 12.0); 0 = matrix_clip_sigmas
+    lqer_top_k: int = 0  # LQER (#1797): low-rank residual correction of the k largest-error tensors; 0 = off
+    lqer_rank: int = 4  # LQER: rank r of the residual factorization W - dequant(Q) ~ A B
+    lqer_group_size: int = 64  # LQER: int4 group size over the flattened B factor
+    awq_lite_groups: int = 0  # AWQ-lite (#1908): most salient input-column groups kept at awq_lite_bits; 0 = off
+    awq_lite_group_size: int = 64  # AWQ-lite: columns per salient group
+    awq_lite_bits: int = 8  # AWQ-lite: code width of the salient groups
 
     # ---- PPM byte mixture (SPEC 6) ------------------------------------------------------
     ppm_enabled: bool = True
@@ -252,7 +260,7 @@ class Config:
             "attention_backend": ("auto", "fa3", "fa4", "cudnn", "flash", "efficient", "math"),
             "data_order": ("seed_and_rank", "rank"),
             "rope_precision": ROPE_PRECISIONS,
-            "compressor": ("brotli", "lzma"),
+            "compressor": ("brotli", "lzma", "per_group"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
