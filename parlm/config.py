@@ -160,7 +160,8 @@ class Config:
     # linears that get calibration Hessians) go through GPTQ. 65,536 in the reference (SPEC 4.4).
     quant_passthrough_max_numel: int = 65536
     # frontier quantization switches (issue 17), all off by default (PR #1858 behaviour)
-    mlp_clip_sigmas: float = 0.0  # SDClip k for MLP weights (#1769: 12.0); 0 = matrix_clip_sigmas
+    mlp_clip_sigmas: float = 0.0  # SDClip k for MLP weights (#1769: 12.0; #2135: 11.5); 0 = matrix_clip_sigmas
+    attn_clip_sigmas: float = 0.0  # SDClip k for attention weights (#1855/#2135: 13.0); 0 = matrix_clip_sigmas
     lqer_top_k: int = 0  # LQER (#1797): low-rank residual correction of the k largest-error tensors; 0 = off
     lqer_rank: int = 4  # LQER: rank r of the residual factorization W - dequant(Q) ~ A B
     lqer_group_size: int = 64  # LQER: int4 group size over the flattened B factor
@@ -282,6 +283,12 @@ class Config:
                 f"0..num_layers-1={self.num_layers - 1}")
         if not 0.0 <= self.warmdown_frac <= 1.0 or not 0.0 <= self.enable_looping_at <= 1.0:
             raise ConfigError("warmdown_frac and enable_looping_at are fractions in [0, 1]")
+        for name in ("lqer_rank", "lqer_group_size", "awq_lite_group_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.awq_lite_groups > 0 and not self.matrix_bits < self.awq_lite_bits <= 8:
+            raise ConfigError(f"awq_lite_bits={self.awq_lite_bits} must be above matrix_bits={self.matrix_bits} "
+                              f"and at most 8 (codes are stored as int8)")
         if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(
                 f"gptq_reserve_seconds={self.gptq_reserve_seconds} leaves no training time out of "

@@ -62,12 +62,13 @@ def test_awq_protected_gptq_matches_slow_mixed_precision():
     assert codes[:, columns].abs().float().mean() > 3 * codes[:, others].abs().float().mean()
 
 
-def test_mlp_clip_sigmas_apply_to_mlp_weights_only(tiny_config):
+def test_per_kind_clip_sigmas(tiny_config):
     config = tiny_config.replace(mlp_clip_sigmas=12.0, quant_passthrough_max_numel=256)
     assert clip_sigmas_of("blocks.0.mlp.fc.weight", config) == 12.0
     assert clip_sigmas_of("blocks.0.attn.c_q.weight", config) == config.matrix_clip_sigmas
     assert clip_sigmas_of("tok_emb.weight", config) == config.embed_clip_sigmas
     assert clip_sigmas_of("blocks.0.mlp.fc.weight", tiny_config) == tiny_config.matrix_clip_sigmas  # off by default
+    assert clip_sigmas_of("blocks.0.attn.c_q.weight", config.replace(attn_clip_sigmas=13.0)) == 13.0
     weight, _, hessian = problem(rows=8, cols=64)
     state = {"blocks.0.mlp.fc.weight": weight.float()}
     codes, scales = gptq_quantize_state(state, {"blocks.0.mlp.fc.weight": hessian.float()}, config, "cpu")["blocks.0.mlp.fc.weight"]

@@ -298,13 +298,16 @@ def quantization_plan(state_dict: dict[str, torch.Tensor], hessians: dict[str, t
 
 
 def clip_sigmas_of(name: str, config) -> float:
-    """SDClip multiplier k of one tensor: embed_clip_sigmas for tok_emb, mlp_clip_sigmas for
-    MLP weights when set (PR #1769: k = 12 for MLP weights, the rest unchanged), else
-    matrix_clip_sigmas (SPEC 4.3)."""
+    """SDClip multiplier k of one tensor: embed_clip_sigmas for tok_emb; mlp_clip_sigmas for
+    MLP weights and attn_clip_sigmas for attention weights when set (> 0; PR #1769: k = 12 for
+    the MLP, PR #1855/#2135: per-kind k), else matrix_clip_sigmas (SPEC 4.3). The clip is
+    +-k std(W_r) and the step k std(W_r) / R."""
     if name == EMBEDDING_NAME:
         return config.embed_clip_sigmas
     if ".mlp." in name and config.mlp_clip_sigmas > 0:
         return config.mlp_clip_sigmas
+    if ".attn." in name and config.attn_clip_sigmas > 0:
+        return config.attn_clip_sigmas
     return config.matrix_clip_sigmas
 
 
