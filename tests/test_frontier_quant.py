@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from parlm.quant.awq import salient_column_groups
-from parlm.quant.compression import compress_per_group, decompress_per_group, unzigzag, zigzag
+from parlm.quant.compression import (compress_per_group, decompress_per_group, rans_decode, rans_encode, unzigzag,
+                                     zigzag)
 from parlm.quant.gptq import clip_sigmas_of, gptq_quantize, gptq_quantize_state
 from parlm.quant.lqer import correction, lqer_corrections, quantize_factors
 
@@ -148,6 +149,22 @@ def test_zigzag_hand_example_and_inverse():
     data = np.array([0, -1, 1, -2, 2, 127, -128], dtype=np.int8).tobytes()
     assert list(zigzag(data)) == [0, 1, 2, 3, 4, 254, 255]
     assert unzigzag(zigzag(data)) == data
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 3000, 70000])
+def test_rans_round_trip_and_reaches_the_order0_entropy(size):
+    generator = np.random.default_rng(size)
+    data = np.clip(np.round(generator.normal(0, 6, size)), -31, 31).astype(np.int8).tobytes()
+    encoded = rans_encode(data)
+    assert rans_decode(encoded) == data
+    if size:
+        counts = np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+        probabilities = counts[counts > 0] / size
+        entropy_bytes = size * float(-(probabilities * np.log2(probabilities)).sum()) / 8
+        lanes = int.from_bytes(encoded[4:6], "little")
+        overhead = 6 + 512 + 4 * lanes + 4 + 2 * lanes  # header, table, final states, last partial words
+        assert len(encoded) <= entropy_bytes * 1.002 + overhead + 2
+    assert rans_decode(rans_encode(bytes([7]) * 500)) == bytes([7]) * 500  # one symbol: M = f
 
 
 def _demo_payload():

@@ -7,7 +7,8 @@ environment already has (Python's lzma and zlib, the brotli module, numpy): each
 passthrough, corrections) is compressed whole by the smallest of
 
     transform in {stored, zigzag, columns, columns+zigzag}   (the last three: 1-byte 2-D streams)
-    codec     in {brotli-11, brotli-11 window 2^24, lzma-alone 9e (lc, lp, pb variants), zlib-9}
+    codec     in {brotli-11, brotli-11 window 2^24, lzma-alone 9e (lc, lp, pb variants), zlib-9,
+                  rans: a static order-0 range coder (`rans_encode`)}
 
 where zigzag maps a signed code v to the unsigned 2v (v >= 0) or -2v - 1 (v < 0) and
 columns stores each 2-D tensor of the stream transposed (column-major). Every transform is
@@ -31,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 PER_GROUP_MAGIC = b"PGQ2"
-CODECS = ("brotli", "brotli_w24", "lzma_lc0", "lzma_lc3", "lzma_lc1_lp0_pb0", "zlib")
+CODECS = ("brotli", "brotli_w24", "lzma_lc0", "lzma_lc3", "lzma_lc1_lp0_pb0", "zlib", "rans")
 TRANSFORMS = ("stored", "zigzag", "columns", "columns_zigzag")
 ONE_BYTE_DTYPES = ("int8", "uint8", "bool")
 
@@ -51,6 +52,8 @@ def encode(data: bytes, codec: str) -> bytes:
         return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)
     if codec == "zlib":
         return zlib.compress(data, 9)
+    if codec == "rans":
+        return rans_encode(data)
     raise ValueError(f"codec {codec!r} is not one of {CODECS}")
 
 
@@ -60,7 +63,83 @@ def decode(data: bytes, codec: str) -> bytes:
         import brotli
 
         return brotli.decompress(data)
+    if codec == "rans":
+        return rans_decode(data)
     return lzma.decompress(data) if codec.startswith("lzma") else zlib.decompress(data)
+
+
+# ----------------------------------------------------------------------------------------
+# Static order-0 rANS. GPTQ codes are close to independent draws from one distribution per
+# tensor kind (row scales normalise every row), so their order-0 entropy is a bound that LZ
+# coders (brotli, lzma) miss by a little; an entropy coder with the byte histogram reaches it.
+RANS_PRECISION = 15  # frequencies sum to M = 2^15
+RANS_LOW = 1 << 16  # states live in [2^16, 2^32); 16-bit words are moved at each renormalisation
+RANS_MAX_LANES = 4096
+
+
+def rans_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Byte counts -> frequencies f_s >= 1 for every present byte, summing to M = 2^15
+    (rounded proportionally; the most frequent byte absorbs the rounding)."""
+    total = 1 << RANS_PRECISION
+    frequencies = np.where(counts > 0, np.maximum(1, np.round(counts * total / max(int(counts.sum()), 1))), 0).astype(np.int64)
+    frequencies[np.argmax(counts)] += total - frequencies.sum()
+    return frequencies
+
+
+def rans_encode(data: bytes) -> bytes:
+    """Interleaved static rANS over `lanes` streams (symbol i goes to lane i mod lanes):
+
+        layout = u32 n | u16 lanes | 256 x u16 f_s | lanes x u32 final states | u32 words | u16 words
+
+    Encoding symbol s with cumulative c_s turns state x into (x // f_s) * M + c_s + x mod f_s,
+    after moving its low 16 bits out while x >= 2^(32 - 15) f_s; the decoder undoes it."""
+    symbols = np.frombuffer(data, dtype=np.uint8)
+    n = len(symbols)
+    lanes = int(min(RANS_MAX_LANES, max(1, 1 << max(0, (n // 2048).bit_length() - 1))))
+    counts = np.bincount(symbols, minlength=256)
+    frequencies = rans_frequencies(counts)
+    starts = np.concatenate([[0], np.cumsum(frequencies)[:-1]])
+    steps = -(-n // lanes)
+    padded = np.full(steps * lanes, np.argmax(counts), dtype=np.uint8)
+    padded[:n] = symbols
+    grid = padded.reshape(steps, lanes)
+    state = np.full(lanes, RANS_LOW, dtype=np.uint64)
+    chunks = []
+    for step in range(steps - 1, -1, -1):
+        row = grid[step]
+        frequency = frequencies[row].astype(np.uint64)
+        emit = state >= (frequency << np.uint64(32 - RANS_PRECISION))
+        chunks.append((state[emit] & np.uint64(0xFFFF)).astype(np.uint16))
+        state = np.where(emit, state >> np.uint64(16), state)
+        state = (state // frequency << np.uint64(RANS_PRECISION)) + state % frequency + starts[row].astype(np.uint64)
+    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, dtype=np.uint16)
+    return (struct.pack("<IH", n, lanes) + frequencies.astype("<u2").tobytes() + state.astype("<u4").tobytes()
+            + struct.pack("<I", len(words)) + words.astype("<u2").tobytes())
+
+
+def rans_decode(blob: bytes) -> bytes:
+    """Inverse of `rans_encode`: per step, s = symbol of slot x mod M, x = f_s (x >> 15) +
+    slot - c_s, then x = (x << 16) | next word for the lanes where x < 2^16."""
+    n, lanes = struct.unpack_from("<IH", blob)
+    frequencies = np.frombuffer(blob, dtype="<u2", count=256, offset=6).astype(np.int64)
+    state = np.frombuffer(blob, dtype="<u4", count=lanes, offset=518).astype(np.uint64)
+    (count,) = struct.unpack_from("<I", blob, 518 + 4 * lanes)
+    words = np.frombuffer(blob, dtype="<u2", count=count, offset=522 + 4 * lanes).astype(np.uint64)
+    starts = np.concatenate([[0], np.cumsum(frequencies)[:-1]])
+    slot_symbol = np.repeat(np.arange(256, dtype=np.uint8), frequencies)
+    steps = -(-n // lanes)
+    out = np.empty((steps, lanes), dtype=np.uint8)
+    mask, pointer = np.uint64((1 << RANS_PRECISION) - 1), 0
+    for step in range(steps):
+        slot = state & mask
+        row = slot_symbol[slot]
+        out[step] = row
+        state = frequencies[row].astype(np.uint64) * (state >> np.uint64(RANS_PRECISION)) + slot - starts[row].astype(np.uint64)
+        low = state < RANS_LOW
+        taken = int(low.sum())
+        state[low] = (state[low] << np.uint64(16)) | words[pointer:pointer + taken]
+        pointer += taken
+    return out.reshape(-1)[:n].tobytes()
 
 
 def zigzag(data: bytes) -> bytes:
