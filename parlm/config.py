@@ -177,7 +177,7 @@ class Config:
     ttt_diagnostic_after: bool = False
 
     # ---- quantization and artifact (SPEC 4) ---------------------------------------------
-    compressor: str = "brotli"  # brotli | lzma
+    compressor: str = "brotli"  # brotli | lzma | per_group (#1855-like per-group choice, stdlib + brotli only)
     gptq_calibration_batches: int = 64
     gptq_reserve_seconds: float = 12.0
     matrix_bits: int = 6
@@ -190,6 +190,15 @@ class Config:
     # Float tensors with <= this many elements are stored fp16; larger ones (and the block
     # linears that get calibration Hessians) go through GPTQ. 65,536 in the reference (SPEC 4.4).
     quant_passthrough_max_numel: int = 65536
+    # frontier quantization switches (issue 17), all off by default (PR #1858 behaviour)
+    mlp_clip_sigmas: float = 0.0  # SDClip k for MLP weights (#1769: 12.0; #2135: 11.5); 0 = matrix_clip_sigmas
+    attn_clip_sigmas: float = 0.0  # SDClip k for attention weights (#1855/#2135: 13.0); 0 = matrix_clip_sigmas
+    lqer_top_k: int = 0  # LQER (#1797): low-rank residual correction of the k largest-error tensors; 0 = off
+    lqer_rank: int = 4  # LQER: rank r of the residual factorization W - dequant(Q) ~ A B
+    lqer_group_size: int = 64  # LQER: int4 group size over the flattened B factor
+    awq_lite_groups: int = 0  # AWQ-lite (#1908): most salient input-column groups kept at awq_lite_bits; 0 = off
+    awq_lite_group_size: int = 64  # AWQ-lite: columns per salient group
+    awq_lite_bits: int = 8  # AWQ-lite: code width of the salient groups
 
     # ---- PPM byte mixture (SPEC 6) ------------------------------------------------------
     ppm_enabled: bool = True
@@ -486,8 +495,16 @@ FIELD_RULES: dict[str, Allowed] = {
     "ttt_grad_clip_norm": above(0.0),
     "eval_compile_mode": one_of(*COMPILE_MODES),
     # ---- quantization and artifact
-    "compressor": one_of("brotli", "lzma"),
+    "compressor": one_of("brotli", "lzma", "per_group"),
     "gptq_calibration_batches": COUNT,
+    "mlp_clip_sigmas": at_least(0.0),
+    "attn_clip_sigmas": at_least(0.0),
+    "lqer_top_k": at_least(0),
+    "lqer_rank": COUNT,
+    "lqer_group_size": COUNT,
+    "awq_lite_groups": at_least(0),
+    "awq_lite_group_size": COUNT,
+    "awq_lite_bits": within(2, 8, note="codes are stored in int8"),
     "gptq_reserve_seconds": at_least(0.0),
     "matrix_bits": within(2, 8, note="codes are stored in int8"),
     "embed_bits": within(2, 8, note="codes are stored in int8"),
@@ -525,6 +542,10 @@ def _key_bits(vocab_size: int) -> int:
 
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(("awq_lite_groups", "matrix_bits", "awq_lite_bits"),
+                   lambda c: c.awq_lite_groups == 0 or c.matrix_bits < c.awq_lite_bits,
+                   lambda c: f"awq_lite_bits={c.awq_lite_bits} must be above matrix_bits={c.matrix_bits} "
+                             f"(the salient groups keep more bits)"),
     CrossFieldRule(("text_transform", "byte_accounting"),
                    lambda c: c.text_transform != "caseops" or c.byte_accounting == "sidecar",
                    lambda c: "text_transform=caseops counts BPB in the original text's bytes only with "

@@ -226,17 +226,25 @@ def test_export_records_folder(tmp_path, tiny_config):
         export(run_root, tmp_path / "records2")
 
 
+# Every frontier quantization switch on (issue 17), sized for the tiny model (model_dim 32).
+ALL_QUANT_SWITCHES = dict(mlp_clip_sigmas=12.0, lqer_top_k=3, lqer_rank=4, lqer_group_size=64, awq_lite_groups=1,
+                          awq_lite_group_size=16, awq_lite_bits=8, gptq_calibration_batches=3, compressor="per_group")
+
+
 @pytest.mark.slow
-def test_exported_script_runs_standalone(tmp_path, tiny_dataset_config):
+@pytest.mark.parametrize("switches", [{}, ALL_QUANT_SWITCHES], ids=["pr1858", "all_quant_switches"])
+def test_exported_script_runs_standalone(tmp_path, tiny_dataset_config, switches):
     """The records folder's train_gpt.py trains, quantizes and scores a tiny CPU config with
-    only its embedded modules: the installed parlm is blocked and the repo is off sys.path."""
+    only its embedded modules: the installed parlm is blocked and the repo is off sys.path.
+    The package, given the script's trained weights, writes the same artifact bytes and
+    scores the same quantized BPB."""
     from parlm.config import Config
 
     script = build.build_submission_script()
     folder = tmp_path / "records"
     build.write_generated_file(folder / "train_gpt.py", script)
     config = tiny_dataset_config.replace(quant_passthrough_max_numel=256, val_max_tokens=512, ttt_epochs=1,
-                                         sliding_window_enabled=False, ttt_chunk_tokens=256, seed=7)
+                                         sliding_window_enabled=False, ttt_chunk_tokens=256, seed=7, **switches)
     defaults = Config().to_dict()
     overrides = [f"{key}={value}" for key, value in config.to_dict().items() if value != defaults[key]]
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
@@ -251,6 +259,21 @@ def test_exported_script_runs_standalone(tmp_path, tiny_dataset_config):
     assert (run_dir / "final_model.int6.ptz").stat().st_size == quant["bytes_model"]
     assert json.loads((run_dir / "eval.json").read_text())["quantized_bpb"] > 0
     assert (folder / "train_gpt.py").read_bytes() == script  # never written over itself
+    from parlm.eval.stage import evaluate_run
+    from parlm.quant.stage import quantize_run
+
+    package_dir = tmp_path / "package" / "seed_7"
+    package_dir.mkdir(parents=True)
+    for name in ("final_model.pt", "train.json"):
+        (package_dir / name).write_bytes((run_dir / name).read_bytes())
+    quantize_run(config, package_dir, code_bytes=len(script), statistics=False)
+    assert (package_dir / "final_model.int6.ptz").read_bytes() == (run_dir / "final_model.int6.ptz").read_bytes()
+    package_eval = evaluate_run(config.replace(ttt_enabled=False), package_dir)
+    script_eval = json.loads((run_dir / "eval.json").read_text())
+    assert package_eval["quantized_bpb"] == script_eval["quantized_bpb"]
+    if switches:
+        methods = quant["stream_bytes"]
+        assert methods["corrections"] > 0  # the LQER / AWQ-lite tensors are counted in bytes_model
 
 
 def test_records_are_portable_and_state_the_contest_cap(tmp_path, tiny_config):

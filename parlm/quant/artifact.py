@@ -47,7 +47,8 @@ MAGIC = b"PGQ1"
 SHUFFLE_MAGIC = b"BSHF"
 CHUNK_BYTES = 1 << 20
 COMPRESSORS = ("brotli", "lzma")
-STREAMS = ("embedding", "attention", "mlp", "other", "scales", "passthrough")
+STREAMS = ("embedding", "attention", "mlp", "other", "scales", "passthrough", "corrections")
+CORRECTION_MARKERS = (".lqer_", ".awq_")  # LQER factors and AWQ-lite columns (parlm.quant.lqer / awq)
 TORCH_DTYPES = {str(t).split(".")[1]: t for t in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
                                                 torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)}
 QUANT_RESULT = "quant.json"
@@ -103,7 +104,9 @@ def byte_unshuffle(data: bytes) -> bytes:
 
 def stream_of(key: str) -> str:
     """Group of one stored tensor: int8 codes of tok_emb / attention / MLP (or other) linears,
-    fp16 scales, and passthrough tensors."""
+    fp16 scales, passthrough tensors, and the LQER / AWQ-lite correction tensors."""
+    if any(marker in key for marker in CORRECTION_MARKERS):
+        return "corrections"
     if key.endswith(".scale"):
         return "scales"
     if not key.endswith(".q"):
@@ -183,7 +186,13 @@ def compress(payload: bytes, compressor: str = "brotli", workers: int | None = N
 
     Chunks follow stream boundaries when `stream_sizes` (raw stream sizes from `pack`) is
     given, so the compressed size of every stream is known exactly; returns (file bytes,
-    compressed bytes per stream with "header" for the header and container)."""
+    compressed bytes per stream with "header" for the header and container).
+    compressor="per_group" writes the PGQ2 format of `parlm.quant.compression` instead."""
+    if compressor == "per_group":
+        from parlm.quant.compression import compress_per_group
+
+        blob, sizes, _ = compress_per_group(payload, workers)
+        return blob, sizes
     (header_length,) = struct.unpack_from("<I", payload)
     sections = [("header", 4 + header_length)] + list((stream_sizes or {"data": len(payload) - 4 - header_length}).items())
     chunks, owners, offset = [], [], 0
@@ -207,7 +216,11 @@ def compress(payload: bytes, compressor: str = "brotli", workers: int | None = N
 
 
 def decompress(blob: bytes) -> bytes:
-    """Artifact file bytes -> payload (inverse of `compress`)."""
+    """Artifact file bytes -> payload (inverse of `compress`, either format)."""
+    from parlm.quant.compression import PER_GROUP_MAGIC, decompress_per_group
+
+    if blob[:4] == PER_GROUP_MAGIC:
+        return decompress_per_group(blob)
     if blob[:4] != MAGIC:
         raise ValueError(f"not a parlm artifact (magic {blob[:4]!r}, expected {MAGIC!r})")
     if len(blob) < 9 or blob[4] >= len(COMPRESSORS):
@@ -352,7 +365,11 @@ def invalidate_stale_stages(run_dir: str | os.PathLike, stages: tuple[str, ...],
 def dequantize_state(weights: dict[str, torch.Tensor], methods: dict[str, str],
                      template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """State dict with the template's dtypes: W = Q * s[:, None] computed in fp32 for GPTQ
-    tensors, fp16 passthrough cast back (SPEC 4.3: fp32 linears, bf16 embedding)."""
+    tensors (AWQ-lite columns with their own scales, plus the LQER low-rank correction where
+    stored), fp16 passthrough cast back (SPEC 4.3: fp32 linears, bf16 embedding)."""
+    from parlm.quant.awq import restore_protected_columns
+    from parlm.quant.lqer import apply_correction
+
     state = {}
     for name, like in template.items():
         method = methods.get(name)
@@ -361,6 +378,7 @@ def dequantize_state(weights: dict[str, torch.Tensor], methods: dict[str, str],
         if method.startswith("gptq"):
             codes, scales = weights[name + ".q"], weights[name + ".scale"]
             value = codes.float() * scales.float().view(codes.shape[0], *[1] * (codes.ndim - 1))
+            value = apply_correction(name, restore_protected_columns(name, value, weights), weights)
         else:
             value = weights[name]
         if tuple(value.shape) != tuple(like.shape):

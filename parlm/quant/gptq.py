@@ -89,10 +89,12 @@ class _HessianHooks:
         self.sources: dict[str, set[str]] = defaultdict(set)  # name -> earlier names with the same input
         self.alias: dict[str, str] = {}
         self.recent: list[tuple[torch.Tensor, str]] = []
+        self.rows: dict[str, int] = defaultdict(int)  # activation rows seen per linear (AWQ-lite's mean)
 
     def hook(self, name: str):
         def record(module, inputs, output):
             x = inputs[0]
+            self.rows[name] += x.numel() // x.shape[-1]
             shared = next((owner for tensor, owner in self.recent if tensor is x), None)
             if self.first_batch:
                 self.sources[name].add(shared)
@@ -122,7 +124,8 @@ class _HessianHooks:
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches, max_numel: int = REFERENCE_PASSTHROUGH_MAX_NUMEL,
-                     progress=None, embedding: bool = True) -> dict[str, torch.Tensor]:
+                     progress=None, embedding: bool = True,
+                     row_counts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Calibration Hessians H = (1/n_batches) sum_batches X^T X, fp32 (SPEC 4.2).
 
     `batches` yields input_ids [B, T]. The model runs as given (the caller sets eval mode and
@@ -130,7 +133,9 @@ def collect_hessians(model: nn.Module, batches, max_numel: int = REFERENCE_PASST
     are `<linear>.weight` for every selected linear of the attention/MLP blocks
     (`is_quantized_linear`) and `tok_emb.weight`, whose Hessian is taken on the final-norm
     output `model.forward_hidden(x)` (the tied head's input) unless `embedding` is False.
-    Linears that read the same input map to the same tensor object."""
+    Linears that read the same input map to the same tensor object. `row_counts`, if given,
+    receives the number of activation rows behind each key's X^T X (so that
+    mean(x_c^2) = H_cc * n_batches / rows, AWQ-lite's activation statistic)."""
     device = next(model.parameters()).device
     accumulate = GramAccumulator()
     names = [name for name, module in model.named_modules() if is_quantized_linear(name, module, max_numel)]
@@ -139,10 +144,11 @@ def collect_hessians(model: nn.Module, batches, max_numel: int = REFERENCE_PASST
     handles = [modules[name].register_forward_hook(hooks.hook(name)) for name in names]
     dim = model.tok_emb.weight.shape[1]
     embedding_hessian = torch.zeros(dim, dim, dtype=torch.float32, device=device)
-    count = 0
+    count = embedding_rows = 0
     try:
         for input_ids in batches:
             hidden = model.forward_hidden(input_ids.to(device))
+            embedding_rows += hidden.numel() // hidden.shape[-1]
             if embedding:
                 accumulate(embedding_hessian, hidden)
             hooks.end_batch()
@@ -161,6 +167,11 @@ def collect_hessians(model: nn.Module, batches, max_numel: int = REFERENCE_PASST
         result[name + ".weight"] = result[owner + ".weight"]
     if embedding:
         result[EMBEDDING_NAME] = embedding_hessian.div_(count)
+    if row_counts is not None:
+        for name in names:
+            row_counts[name + ".weight"] = hooks.rows[name]
+        if embedding:
+            row_counts[EMBEDDING_NAME] = embedding_rows
     return result
 
 
@@ -189,7 +200,8 @@ def _gather_columns(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, clip_sigmas: float, clip_range: int,
-                  block_size: int = 128, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int = 128, damping: float = 0.01, protected: torch.Tensor | None = None,
+                  protected_range: int = 127) -> tuple[torch.Tensor, ...]:
     """GPTQ of W [rows, cols] (or a batch [B, rows, cols] with Hessians [B, cols, cols]) to
     int8 codes Q in [-R, R] and fp16 row scales s with W ~ Q * s[:, None] (SPEC 4.3).
 
@@ -203,7 +215,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, clip_sigmas: floa
        W[:, later] -= E U[block, later];
     7. columns back to the original order.
     Runs in the input's precision (fp32 for fp32/bf16 input; fp64 stays fp64) on its device,
-    with TF32 off."""
+    with TF32 off.
+
+    AWQ-lite (PR #1908): where the bool mask `protected` (W's shape) is set, the code is
+    q = clamp(round(w / s_hi), -R_hi, R_hi) with s_hi = SDClip scale at R_hi =
+    `protected_range`, inside the same sweep (its error propagates like any other); the
+    result is then (Q, s, s_hi) and W ~ Q * (s_hi where protected, else s)."""
     single = weight.ndim == 2
     if single:
         weight, hessian = weight[None], hessian[None]
@@ -213,6 +230,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, clip_sigmas: floa
     batch, rows, cols = original.shape
     scales = sdclip_scales(original, clip_sigmas, clip_range)
     step = scales.to(dtype)
+    if protected is not None:
+        protected = protected[None] if single else protected
+        high_scales = sdclip_scales(original, clip_sigmas, protected_range)
+        high_step = high_scales.to(dtype)
     diagonal = hessian.diagonal(dim1=-2, dim2=-1)
     dead = diagonal == 0
     diagonal.masked_fill_(dead, 1.0)
@@ -221,6 +242,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, clip_sigmas: floa
     order = torch.argsort(diagonal, dim=-1, descending=True, stable=True)
     inverse_order = torch.argsort(order, dim=-1)
     work = _gather_columns(work, order)
+    if protected is not None:
+        protected = _gather_columns(protected.to(weight.device), order)
     hessian = _gather_columns(torch.gather(hessian, 1, order[:, :, None].expand_as(hessian)), order)
     with matmul_precision(allow_tf32=False):
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
@@ -232,17 +255,23 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, clip_sigmas: floa
             errors = torch.empty_like(block)
             for j in range(end - start):
                 column = block[:, :, j]
-                quantized = torch.clamp(torch.round(column / step), -clip_range, clip_range)
+                column_step, limit = step, clip_range
+                if protected is not None:
+                    mask = protected[:, :, start + j]
+                    column_step = torch.where(mask, high_step, step)
+                    limit = torch.where(mask, protected_range, clip_range).to(dtype)
+                    quantized = torch.minimum(torch.maximum(torch.round(column / column_step), -limit), limit)
+                else:
+                    quantized = torch.clamp(torch.round(column / step), -clip_range, clip_range)
                 codes[:, :, start + j] = quantized.to(torch.int8)
-                error = (column - quantized * step) / block_upper[:, j, j, None]
+                error = (column - quantized * column_step) / block_upper[:, j, j, None]
                 errors[:, :, j] = error
                 block[:, :, j:] -= error[:, :, None] * block_upper[:, None, j, j:]
             if end < cols:
                 work[:, :, end:] -= torch.bmm(errors, upper[:, start:end, end:])
     codes = _gather_columns(codes, inverse_order)
-    if single:
-        return codes[0], scales[0]
-    return codes, scales
+    result = (codes, scales) if protected is None else (codes, scales, high_scales)
+    return tuple(part[0] for part in result) if single else result
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -268,39 +297,66 @@ def quantization_plan(state_dict: dict[str, torch.Tensor], hessians: dict[str, t
     return plan
 
 
+def clip_sigmas_of(name: str, config) -> float:
+    """SDClip multiplier k of one tensor: embed_clip_sigmas for tok_emb; mlp_clip_sigmas for
+    MLP weights and attn_clip_sigmas for attention weights when set (> 0; PR #1769: k = 12 for
+    the MLP, PR #1855/#2135: per-kind k), else matrix_clip_sigmas (SPEC 4.3). The clip is
+    +-k std(W_r) and the step k std(W_r) / R."""
+    if name == EMBEDDING_NAME:
+        return config.embed_clip_sigmas
+    if ".mlp." in name and config.mlp_clip_sigmas > 0:
+        return config.mlp_clip_sigmas
+    if ".attn." in name and config.attn_clip_sigmas > 0:
+        return config.attn_clip_sigmas
+    return config.matrix_clip_sigmas
+
+
 @torch.no_grad()
 def gptq_quantize_state(state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
-                        config, device: torch.device | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                        config, device: torch.device | str,
+                        protected: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
     """GPTQ every "gptq" tensor of `quantization_plan` on `device`: name -> (int8 codes, fp16
     scales) on the CPU. int8 (R=127, k=embed_clip_sigmas) for tok_emb, int<matrix_bits> with
-    k=matrix_clip_sigmas otherwise. Tensors sharing a Hessian are stacked by rows, and stacks
-    of equal shape and settings run as one batch."""
+    k=`clip_sigmas_of` otherwise. Tensors sharing a Hessian are stacked by rows, and stacks
+    of equal shape and settings run as one batch. `protected` (name -> input-column indices,
+    AWQ-lite) quantizes those columns at awq_lite_bits; such names map to (codes, scales,
+    high scales)."""
+    protected = protected or {}
     plan = quantization_plan(state_dict, hessians, config.quant_passthrough_max_numel)
     stacks: dict[tuple, list[str]] = defaultdict(list)
     for name, method in plan.items():
         if method == "gptq":
-            embedding = name == EMBEDDING_NAME
-            bits = config.embed_bits if embedding else config.matrix_bits
-            sigmas = config.embed_clip_sigmas if embedding else config.matrix_clip_sigmas
-            stacks[(id(hessians[name]), bits, sigmas)].append(name)
+            bits = config.embed_bits if name == EMBEDDING_NAME else config.matrix_bits
+            stacks[(id(hessians[name]), bits, clip_sigmas_of(name, config))].append(name)
     batches: dict[tuple, list[list[str]]] = defaultdict(list)
     for (_, bits, sigmas), names in stacks.items():
         rows = sum(state_dict[n].shape[0] for n in names)
         cols = state_dict[names[0]].shape[1]
-        batches[(rows, cols, bits, sigmas)].append(names)
+        batches[(rows, cols, bits, sigmas, any(n in protected for n in names))].append(names)
     result = {}
-    for (rows, cols, bits, sigmas), members in batches.items():
+    for (rows, cols, bits, sigmas, has_protected), members in batches.items():
         weight = torch.stack([torch.cat([state_dict[n].to(device, torch.float32) for n in names])
                               for names in members])
         hessian = torch.stack([hessians[names[0]].to(device) for names in members])
-        codes, scales = gptq_quantize(weight, hessian, sigmas, 2 ** (bits - 1) - 1,
-                                      config.gptq_block_size, config.gptq_damping)
-        codes, scales = codes.cpu(), scales.cpu()
+        mask = None
+        if has_protected:
+            mask = torch.zeros(weight.shape, dtype=torch.bool)
+            for index, names in enumerate(members):
+                offset = 0
+                for name in names:
+                    count = state_dict[name].shape[0]
+                    if name in protected:
+                        mask[index, offset:offset + count, protected[name]] = True
+                    offset += count
+        parts = gptq_quantize(weight, hessian, sigmas, 2 ** (bits - 1) - 1, config.gptq_block_size,
+                              config.gptq_damping, protected=mask,
+                              protected_range=2 ** (config.awq_lite_bits - 1) - 1)
+        parts = [part.cpu() for part in parts]
         for index, names in enumerate(members):
             offset = 0
             for name in names:
                 count = state_dict[name].shape[0]
-                result[name] = (codes[index, offset:offset + count].clone(),
-                                scales[index, offset:offset + count].clone())
+                pieces = tuple(part[index, offset:offset + count].clone() for part in parts)
+                result[name] = pieces if name in protected else pieces[:2]
                 offset += count
     return result

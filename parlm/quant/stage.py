@@ -60,21 +60,51 @@ def calibration_batches(config, device: torch.device, world_size: int):
 
 
 def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
-                   device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                   device: torch.device, row_counts: dict[str, int] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(weights, methods) in the reference's {"w", "m"} form (SPEC 4.4): GPTQ tensors as
-    `<name>.q` int8 + `<name>.scale` fp16, small float tensors in fp16, others unchanged."""
+    `<name>.q` int8 + `<name>.scale` fp16, small float tensors in fp16, others unchanged.
+    With awq_lite_groups > 0 (PR #1908, needs `row_counts` from `collect_hessians`) the most
+    salient column groups are coded at awq_lite_bits; with lqer_top_k > 0 (PR #1797) the
+    largest-error tensors get LQER factors. Both add tensors to the weights (so to bytes_model)
+    and "+awq" / "+lqer" to their method."""
+    from parlm.quant.artifact import dequantize_state
+
     plan = quantization_plan(state_dict, hessians, config.quant_passthrough_max_numel)
-    quantized = gptq_quantize_state(state_dict, hessians, config, device)
+    protected = None
+    if config.awq_lite_groups > 0:
+        from parlm.quant.awq import salient_column_groups
+
+        candidates = [name for name, method in plan.items() if method == "gptq" and
+                      (config.embed_bits if name == EMBEDDING_NAME else config.matrix_bits) < config.awq_lite_bits]
+        protected = salient_column_groups(state_dict, hessians, row_counts or {}, config.gptq_calibration_batches,
+                                          candidates, config.awq_lite_groups, config.awq_lite_group_size)
+    quantized = gptq_quantize_state(state_dict, hessians, config, device, protected)
     weights, methods = {}, {}
     for name, tensor in state_dict.items():
         if plan[name] == "gptq":
             bits = config.embed_bits if name == EMBEDDING_NAME else config.matrix_bits
-            weights[name + ".q"], weights[name + ".scale"] = quantized[name]
+            weights[name + ".q"], weights[name + ".scale"] = quantized[name][:2]
             methods[name] = f"gptq (int{bits})"
+            if protected and name in protected:
+                weights[name + ".awq_columns"] = protected[name].to(torch.int32)
+                weights[name + ".awq_scale"] = quantized[name][2]
+                methods[name] += f"+awq (int{config.awq_lite_bits})"
         elif plan[name] == "fp16":
             weights[name], methods[name] = tensor.detach().cpu().to(torch.float16), "passthrough (float16)"
         else:
             weights[name], methods[name] = tensor.detach().cpu(), "raw"
+    if config.lqer_top_k > 0:
+        from parlm.quant.lqer import lqer_corrections
+
+        gptq_names = [name for name, method in plan.items() if method == "gptq"]
+        restored = dequantize_state(weights, methods, {name: state_dict[name].float() for name in gptq_names})
+        corrections = lqer_corrections(state_dict, restored, config.lqer_top_k, config.lqer_rank,
+                                       config.lqer_group_size)
+        weights.update(corrections)
+        for key in corrections:
+            if key.endswith(".lqer_a"):
+                methods[key[:-len(".lqer_a")]] += "+lqer"
     return weights, methods
 
 
@@ -124,12 +154,12 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
 
     large = [name for name, tensor in state_dict.items()
              if tensor.is_floating_point() and tensor.numel() > config.quant_passthrough_max_numel]
-    hessians = {}
+    hessians, row_counts = {}, {}
     if large:  # nothing to calibrate when every tensor is small enough for fp16 passthrough
         with tqdm(total=config.gptq_calibration_batches, desc="hessians", leave=False) as bar:
             hessians = collect_hessians(model, calibration_batches(config, device, world_size),
                                         config.quant_passthrough_max_numel, progress=bar,
-                                        embedding=EMBEDDING_NAME in large)
+                                        embedding=EMBEDDING_NAME in large, row_counts=row_counts)
     _synchronize(device)
     hessian_seconds = time.perf_counter() - started
     del model
@@ -138,7 +168,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
                f"batches in {hessian_seconds:.1f}s on {device}")
 
     started = time.perf_counter()
-    weights, methods = quantize_state(config, state_dict, hessians, device)
+    weights, methods = quantize_state(config, state_dict, hessians, device, row_counts)
     _synchronize(device)
     gptq_seconds = time.perf_counter() - started
     logger.log(f"quant: GPTQ of {sum(m.startswith('gptq') for m in methods.values())} tensors in {gptq_seconds:.1f}s")

@@ -27,12 +27,13 @@ def tensor_statistics(state_dict, weights, methods, hessians, device) -> dict[st
             weighted = (original @ hessian * original).sum().item()
             error = (delta @ hessian * delta).sum().item()
             entry["rel_hessian_error"] = (error / weighted) ** 0.5 if weighted > 0 else 0.0
-            clip_range = 2 ** (int(methods[name].split("int")[1].rstrip(")")) - 1) - 1
+            bits = int(methods[name].split("(int")[1].split(")")[0])  # "gptq (int6)[+lqer...]"
+            clip_range = 2 ** (bits - 1) - 1
             quantiles = torch.quantile(scales, torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0]))
             counts = torch.bincount(codes.flatten().long() + 128, minlength=256).double()
             probabilities = counts[counts > 0] / counts.sum()
             entry.update(
-                bits=int(methods[name].split("int")[1].rstrip(")")),
+                bits=bits,
                 scale_quantiles=dict(zip(("min", "p05", "median", "p95", "max"), quantiles.tolist())),
                 scale_mean=scales.mean().item(),
                 code_min=int(codes.min()), code_max=int(codes.max()),
