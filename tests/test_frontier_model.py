@@ -11,6 +11,7 @@ import torch
 from parlm.config import Config
 from parlm.model.gates import BOS_TOKEN_ID, asymmetric_softcap, smear_previous_token
 from parlm.model.gpt import GPT, build_model
+from parlm.quant.artifact import pack, unpack
 from parlm.quant.gptq import quantization_plan
 from parlm.train.optim import Optimizers, split_parameters
 
@@ -29,7 +30,7 @@ def test_each_switch_adds_only_its_tensors(tiny_config):
         "sparse_attn_gate_enabled": {f"blocks.{i}.attn.attn_gate_w": (heads, window)
                                      for i in range(tiny_config.num_layers)},
         "smear_gate_enabled": {"smear_gate.weight": (1, window), "smear_lambda": (1,)},
-        "asym_logit_rescale": {"softcap_pos": (), "softcap_neg": ()},
+        "asym_logit_rescale": {"softcap_pos": (1,), "softcap_neg": (1,)},
     }
     for switch, tensors in added.items():
         state = GPT(tiny_config.replace(**{switch: True})).state_dict()
@@ -169,7 +170,12 @@ def test_switch_tensors_are_scalar_group_fp32_and_fp16_passthrough(tiny_config):
             assert param.dtype == torch.float32, name
     # The reference's passthrough rule (numel <= 65,536 -> fp16) covers every switch tensor.
     state = {name: model.state_dict()[name] for name in switch_names}
-    assert set(quantization_plan(state, {}, Config().quant_passthrough_max_numel).values()) == {"fp16"}
+    methods = quantization_plan(state, {}, Config().quant_passthrough_max_numel)
+    assert set(methods.values()) == {"fp16"}
+    # ... and survives the artifact's byte layout (fp16 round trip).
+    weights, _ = unpack(pack({name: t.half() for name, t in state.items()}, methods)[0])
+    for name, tensor in state.items():
+        assert torch.equal(weights[name], tensor.half()), name
 
 
 def test_every_switch_on_runs_a_training_step(tiny_config):
@@ -188,3 +194,23 @@ def test_every_switch_on_runs_a_training_step(tiny_config):
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert "smear_lambda" in changed and "blocks.0.attn.attn_gate_w" in changed
     assert "softcap_pos" not in changed
+
+
+@pytest.mark.slow
+def test_model_with_every_switch_compiles_without_graph_breaks(tiny_config):
+    """fullgraph=True, dynamic=False traces the switches (looped schedule: every block runs;
+    dynamo with the eager backend)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = build_model(tiny_config.replace(**SWITCHES), "cpu")
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.5)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(12))
+    ids[:, 5] = BOS_TOKEN_ID
+    model.looping_active = True
+    loss = compiled(ids, ids)
+    loss.backward()
+    assert torch.equal(loss, model(ids, ids))
+    torch._dynamo.reset()

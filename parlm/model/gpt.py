@@ -3,7 +3,9 @@ q-gain, exclusive self-attention (XSA), LeakyReLU(0.5)^2 MLPs, sigmoid-gated U-N
 depth recurrence of a block range and GPT-J parallel blocks at the top.
 
 Shapes and names follow the reference (`tok_emb`, `blocks.{i}.attn.c_q`, ..., `skip_gates`) so
-SPEC.md reads beside the code and state dicts carry the reference's keys.
+SPEC.md reads beside the code and state dicts carry the reference's keys. The frontier switches
+(parlm.model.gates: SparseAttnGate #1787, BOS-fixed SmearGate #1851/#1855, AsymLogit #1923) are
+off by default and add their parameters only when on.
 
 Speed notes (what differs from a literal transcription, never the function computed):
 - the RoPE tables are computed once at construction into non-persistent buffers (sliced per
@@ -315,9 +317,10 @@ class GPT(nn.Module):
         if config.asym_logit_rescale:
             # As in #1923 the caps do not train with the model (training's loss is the symmetric
             # cap's exactly: they stay at logit_softcap); score-first TTT, which sets
-            # requires_grad on every parameter, adapts them.
-            self.softcap_pos = nn.Parameter(torch.tensor(config.logit_softcap), requires_grad=False)
-            self.softcap_neg = nn.Parameter(torch.tensor(config.logit_softcap), requires_grad=False)
+            # requires_grad on every parameter, adapts them. Shape [1], not the PR's 0-dim: the
+            # artifact's byte view of fp16 passthrough tensors needs at least one dimension.
+            self.softcap_pos = nn.Parameter(torch.full((1,), config.logit_softcap), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.full((1,), config.logit_softcap), requires_grad=False)
 
         # RoPE tables for every length up to train_seq_len (longer sequences are computed per call).
         self.rope_dims, self.rope_base = config.rope_dims, config.rope_base
