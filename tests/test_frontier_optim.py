@@ -154,3 +154,28 @@ def test_loader_recut_draws_no_token_twice_in_a_pass(tmp_path):
         edges = np.diff(np.r_[0, (c == 0).astype(np.int8), 0])
         gaps = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
         assert gaps.max(initial=0) < 16 + 24
+
+
+@pytest.mark.slow
+def test_training_follows_the_schedule_and_warmup_restores_it(tiny_dataset_config, tmp_path):
+    """train_run with "8@0.2,16@0.6,32@1.0" over 10 steps (frac = step / 10): rows of 8 tokens
+    for steps 0-2, 16 for 3-6, 32 for 7-9; the LR re-warms over 2 steps after each change; the
+    compile warmup (which visits every length) restores the run exactly."""
+    from parlm import runlog
+    from parlm.train.loop import train_run
+
+    torch.set_num_threads(1)
+    config = tiny_dataset_config.replace(iterations=10, val_loss_every=0, train_log_every=1,
+                                         train_seq_schedule="8@0.2,16@0.6,32@1.0",
+                                         seq_change_warmup_steps=2, warmup_steps=1, val_max_tokens=256)
+    train_run(config, tmp_path / "warm")
+    train_run(config.replace(warmup_steps=0), tmp_path / "cold")
+    log = (tmp_path / "warm" / "train.log").read_text()
+    assert "growth_stage:seq_len:16 step:3 " in log and "growth_stage:seq_len:32 step:7 " in log
+    rows = {row["step"]: row for row in runlog.read_metrics(tmp_path / "warm", "train")}
+    # Metric row n is step n - 1: frac (n-1)/10, warmdown 0.72 from frac 0.28, re-warm 1/2, 2/2.
+    assert rows[4]["lr_scale"] == pytest.approx(0.7 / 0.72 * 0.5)
+    assert rows[5]["lr_scale"] == pytest.approx(0.6 / 0.72)
+    assert rows[8]["lr_scale"] == pytest.approx(0.3 / 0.72 * 0.5)
+    cold = runlog.read_metrics(tmp_path / "cold", "train")
+    assert [r["train_loss"] for r in rows.values()] == [r["train_loss"] for r in cold]
