@@ -45,6 +45,11 @@ REFERENCE_CONTROL_TENSOR_NAME_PATTERNS = (
     "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
     "skip_weight,skip_weights,skip_gates"
 )
+# Tensors of the frontier switches (each exists only when its switch is on): always control
+# tensors, whatever control_tensor_name_patterns says (#1787/#1855 add the first three to
+# their pattern list; #1923's two scalars are left out of training's optimizers altogether).
+SWITCH_CONTROL_TENSOR_NAME_PATTERNS = ("attn_gate_w", "smear_gate", "smear_lambda", "softcap_pos", "softcap_neg")
+MUON_NEWTON_SCHULZ_COEFFICIENTS = ("reference", "polar_express")
 
 
 class ConfigError(ValueError):
@@ -106,6 +111,12 @@ class Config:
     eval_seq_len: int = 2048
     val_loss_every: int = 4000
     sliding_window_enabled: bool = True
+    # Progressive training context (#2014 TRAIN_SEQ_SCHEDULE): "len@fraction,..." trains at the
+    # first len whose fraction >= training progress, e.g. "1024@0.1,2048@0.7,3072@1.0"; the
+    # largest len must equal train_seq_len. "" = train_seq_len throughout (parlm.data.loader).
+    train_seq_schedule: str = ""
+    # Steps of linear LR re-warmup after each context change (#2014 SEQ_CHANGE_WARMUP_STEPS).
+    seq_change_warmup_steps: int = 0
 
     # ---- model (SPEC 2) -----------------------------------------------------------------
     vocab_size: int = 8192
@@ -129,9 +140,20 @@ class Config:
     loop_end: int = 5
     enable_looping_at: float = 0.35
     parallel_residual_start: int = 7
+    # SparseAttnGate (#1787): per-head sigmoid gate on the attention output, fed by the first
+    # gate_window dims of the attention input (parlm.model.gates.sparse_attn_gate).
+    sparse_attn_gate_enabled: bool = False
+    sparse_attn_gate_scale: float = 1.0  # multiplier inside the gate's sigmoid (#1855: 0.5)
+    gate_window: int = 12  # input dims of the SparseAttnGate and SmearGate projections (#1787)
+    # BOS-fixed SmearGate (#1851/#1855): x_t += lambda sigmoid(W x_t[:gate_window]) x_{t-1} on the
+    # embedding, never across a document start (parlm.model.gates.SmearGate).
+    smear_gate_enabled: bool = False
+    # AsymLogit (#1923 ASYM_LOGIT_RESCALE): separate learned caps for positive and negative
+    # logits, init logit_softcap, trained only by TTT (parlm.model.gates.asymmetric_softcap).
+    asym_logit_rescale: bool = False
 
     # ---- optimizers (SPEC 3.3) ----------------------------------------------------------
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # floor of the warmdown LR multiplier, a fraction of peak (#1787: 0.1)
     embed_lr: float = 0.6  # unused with tied embeddings (kept for parity)
     head_lr: float = 0.008  # unused with tied embeddings (kept for parity)
     tied_embed_lr: float = 0.03
@@ -143,6 +165,9 @@ class Config:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_row_normalize: bool = True
+    # Newton-Schulz coefficients of MuonEq-R: "reference" (3.4445, -4.7750, 2.0315) every
+    # iteration, or "polar_express" per-iteration tuples (#1344/#1787; parlm.train.optim).
+    muon_newton_schulz_coefficients: str = "reference"
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -242,7 +267,9 @@ class Config:
 
     @property
     def control_patterns(self) -> tuple[str, ...]:
-        return tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
+        """control_tensor_name_patterns, then SWITCH_CONTROL_TENSOR_NAME_PATTERNS not among them."""
+        patterns = tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
+        return patterns + tuple(p for p in SWITCH_CONTROL_TENSOR_NAME_PATTERNS if p not in patterns)
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step: `micro_batches_per_step // world_size` (SPEC 3.1)."""
@@ -292,6 +319,46 @@ class Config:
                 f"world size {world_size} does not divide micro_batches_per_step="
                 f"{self.micro_batches_per_step}; use --nproc in {divisors} or set "
                 f"micro_batches_per_step to a multiple of {world_size}")
+
+    def train_seq_stages(self) -> list[tuple[float, int]]:
+        """train_seq_schedule as sorted (fraction, seq_len) stages, the last at fraction 1.0
+        (#2014's parser: a schedule ending before 1.0 keeps its last length); [(1.0,
+        train_seq_len)] when the schedule is empty. Raises ConfigError on a malformed stage."""
+        stages = []
+        for stage in (s.strip() for s in self.train_seq_schedule.split(",")):
+            if not stage:
+                continue
+            length, _, fraction = stage.partition("@")
+            try:
+                stages.append((float(fraction), int(length)))
+            except ValueError:
+                raise ConfigError(f"train_seq_schedule stage {stage!r} must look like 1024@0.1 "
+                                  f"(sequence length @ training fraction)") from None
+            if stages[-1][1] <= 0 or not 0.0 < stages[-1][0] <= 1.0:
+                raise ConfigError(f"train_seq_schedule stage {stage!r} needs a positive length and "
+                                  f"a fraction in (0, 1]")
+        if not stages:
+            return [(1.0, self.train_seq_len)]
+        stages.sort()
+        if stages[-1][0] < 1.0:
+            stages.append((1.0, stages[-1][1]))
+        return stages
+
+    def check_train_seq_schedule(self) -> None:
+        """Raise ConfigError unless the schedule's longest length is train_seq_len (RoPE tables
+        and the loader are sized by it) and every length splits a micro-batch into whole rows."""
+        if not self.train_seq_schedule.strip():
+            return
+        lengths = [length for _, length in self.train_seq_stages()]
+        if max(lengths) != self.train_seq_len:
+            raise ConfigError(f"train_seq_schedule={self.train_seq_schedule!r} must reach "
+                              f"train_seq_len={self.train_seq_len}; set train_seq_len={max(lengths)}")
+        per_rank = self.train_batch_tokens // self.micro_batches_per_step
+        uneven = sorted({length for length in lengths if per_rank % length})
+        if uneven:
+            raise ConfigError(f"train_seq_schedule lengths {uneven} do not divide the "
+                              f"{per_rank}-token micro-batch (train_batch_tokens // "
+                              f"micro_batches_per_step); use divisors of {per_rank}")
 
     def check_vocab(self, tokenizer_vocab_size: int) -> None:
         """Raise ConfigError when the tokenizer's vocabulary differs from `vocab_size`."""
@@ -438,6 +505,10 @@ FIELD_RULES: dict[str, Allowed] = {
     "attention_backend": one_of(*ATTENTION_BACKENDS),
     "rope_precision": one_of(*ROPE_PRECISIONS),
     "text_transform": one_of("none", "caseops"),
+    "seq_change_warmup_steps": at_least(0),
+    "gate_window": COUNT,
+    "sparse_attn_gate_scale": above(0.0),
+    "muon_newton_schulz_coefficients": one_of(*MUON_NEWTON_SCHULZ_COEFFICIENTS),
     "byte_accounting": one_of("tables", "sidecar"),
     "data_order": one_of("seed_and_rank", "rank"),
     "micro_batches_per_step": COUNT,
@@ -541,7 +612,20 @@ def _key_bits(vocab_size: int) -> int:
     return max(1, (vocab_size - 1).bit_length())
 
 
+def _train_seq_schedule_problem(config) -> str | None:
+    try:
+        config.check_train_seq_schedule()
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(("train_seq_schedule", "train_seq_len", "train_batch_tokens", "micro_batches_per_step"),
+                   lambda c: _train_seq_schedule_problem(c) is None, _train_seq_schedule_problem),
+    CrossFieldRule(("sparse_attn_gate_enabled", "smear_gate_enabled", "gate_window", "model_dim"),
+                   lambda c: not (c.sparse_attn_gate_enabled or c.smear_gate_enabled) or c.gate_window <= c.model_dim,
+                   lambda c: f"gate_window={c.gate_window} must be at most model_dim={c.model_dim}"),
     CrossFieldRule(("awq_lite_groups", "matrix_bits", "awq_lite_bits"),
                    lambda c: c.awq_lite_groups == 0 or c.matrix_bits < c.awq_lite_bits,
                    lambda c: f"awq_lite_bits={c.awq_lite_bits} must be above matrix_bits={c.matrix_bits} "

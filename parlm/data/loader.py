@@ -11,6 +11,10 @@ is PCG64([seed, rank]), so SEED changes the data order; "rank" uses PCG64(rank) 
 reference does (every seed then sees the same token stream). The random draws happen in the
 reference's order (integers, permutation per shard; one `choice` per sequence), so "rank" mode
 reproduces the reference's windows exactly.
+
+Progressive training context (#2014, `train_seq_schedule`): `train_seq_len_at` gives the
+length of each training fraction, and `ShuffledSequenceLoader.set_seq_len` re-cuts the windows
+that are still unused at the new length, so a length change repeats no token of the pass.
 """
 from __future__ import annotations
 
@@ -32,6 +36,19 @@ def sampler_generator(data_order: str, seed: int, rank: int) -> np.random.Genera
     raise ValueError(f"data_order={data_order!r} must be 'seed_and_rank' or 'rank'")
 
 
+def train_seq_len_at(config, fraction: float) -> int:
+    """Training sequence length at training progress `fraction` (#2014 TRAIN_SEQ_SCHEDULE):
+    the length of the first stage (fraction_i, len_i) of `config.train_seq_stages()` (sorted,
+    the last at 1.0) with fraction <= fraction_i, the last length past 1.0. With an empty
+    schedule, train_seq_len. #2014: "1024@0.1,2048@0.7,3072@1.0" -> 1024 up to 10% of the
+    budget, 2048 up to 70%, then 3072."""
+    stages = config.train_seq_stages()
+    for threshold, length in stages:
+        if fraction <= threshold:
+            return length
+    return stages[-1][1]
+
+
 class ShuffledSequenceLoader:
     """Draws [B, seq_len] (x, y) training batches from this rank's shards (SPEC 1.5).
 
@@ -40,7 +57,7 @@ class ShuffledSequenceLoader:
     """
 
     def __init__(self, config, rank: int = 0, world_size: int = 1, device="cpu"):
-        self.seq_len = int(config.train_seq_len)
+        self.seq_len = train_seq_len_at(config, 0.0)  # train_seq_len without a schedule
         self.world_size = int(world_size)
         self.rank = int(rank)
         self.device = torch.device(device)
@@ -76,6 +93,32 @@ class ShuffledSequenceLoader:
         if self.remaining.sum() == 0:
             raise ValueError(f"no shard of rank {self.rank} holds a full window of "
                              f"{self.seq_len + 1} tokens ({self.files})")
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """Continue the pass with windows of `seq_len` + 1 tokens (progressive context, #2014).
+
+        The unused windows of each shard form runs of consecutive old windows; a run of r
+        windows covers r*old_len + 1 tokens, cut again from its start into floor(r*old_len /
+        seq_len) windows of the new length (the tail shorter than a window is skipped until
+        the next pass), in a fresh random order. Tokens already drawn in this pass are not
+        drawn again; later passes are cut at the new length from a new random phase."""
+        seq_len = int(seq_len)
+        if seq_len == self.seq_len:
+            return
+        old_len, self.seq_len = self.seq_len, seq_len
+        for shard in range(len(self.files)):
+            unused = np.sort(self.start_inds[shard][:self.remaining[shard]])
+            if len(unused) == 0:
+                continue
+            run_breaks = np.flatnonzero(np.diff(unused) != old_len) + 1
+            run_starts = unused[np.r_[0, run_breaks]]
+            run_counts = np.diff(np.r_[0, run_breaks, len(unused)]) * old_len // seq_len
+            offsets = np.arange(run_counts.sum()) - np.repeat(np.cumsum(run_counts) - run_counts, run_counts)
+            starts = np.repeat(run_starts, run_counts) + offsets * seq_len
+            self.start_inds[shard] = starts[self.rng.permutation(len(starts))].astype(np.int64)
+            self.remaining[shard] = len(starts)
+        if self.remaining.sum() == 0:
+            self._reset_all()
 
     def batch_size(self, global_tokens: int, grad_accum_steps: int) -> int:
         """Sequences per rank per micro-step: global_tokens // (world_size*grad_accum) // seq_len."""

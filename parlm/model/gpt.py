@@ -3,7 +3,9 @@ q-gain, exclusive self-attention (XSA), LeakyReLU(0.5)^2 MLPs, sigmoid-gated U-N
 depth recurrence of a block range and GPT-J parallel blocks at the top.
 
 Shapes and names follow the reference (`tok_emb`, `blocks.{i}.attn.c_q`, ..., `skip_gates`) so
-SPEC.md reads beside the code and state dicts carry the reference's keys.
+SPEC.md reads beside the code and state dicts carry the reference's keys. The frontier switches
+(parlm.model.gates: SparseAttnGate #1787, BOS-fixed SmearGate #1851/#1855, AsymLogit #1923) are
+off by default and add their parameters only when on.
 
 Speed notes (what differs from a literal transcription, never the function computed):
 - the RoPE tables are computed once at construction into non-persistent buffers (sliced per
@@ -27,6 +29,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from parlm.model.attention import causal_attention, select_backend
+from parlm.model.gates import asymmetric_softcap, smear_previous_token, sparse_attn_gate
 from parlm.config import ROPE_PRECISIONS, Config, ConfigError
 
 
@@ -121,7 +124,8 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Blocks
 class CausalSelfAttention(nn.Module):
-    """GQA attention: QK-norm, partial RoPE, per-head q_gain (after RoPE), optional XSA."""
+    """GQA attention: QK-norm, partial RoPE, per-head q_gain (after RoPE), optional XSA, and
+    with `sparse_attn_gate_enabled` the SparseAttnGate (#1787) on the head outputs."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -136,10 +140,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
         self.use_xsa = False
+        self.attn_gate_w = None  # only a parameter (and a state-dict entry) when the switch is on
+        if config.sparse_attn_gate_enabled:
+            self.attn_gate_w = nn.Parameter(torch.zeros(config.num_heads, config.gate_window, dtype=torch.float32))
+        self.sparse_attn_gate_scale = config.sparse_attn_gate_scale
 
     def mix_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """Projected q [B,T,dim], k/v [B,T,kv_dim] -> attention output [B,T,dim] before `proj`."""
+                  sin: torch.Tensor, backend: str, gate_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected q [B,T,dim], k/v [B,T,kv_dim] -> attention output [B,T,dim] before `proj`;
+        `gate_input` (the attention input u) feeds the SparseAttnGate when it is on."""
         batch, seq, dim = q.shape
         q = q.reshape(batch, seq, self.num_heads, self.head_dim)
         k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim)
@@ -152,10 +161,12 @@ class CausalSelfAttention(nn.Module):
         y = causal_attention(q, k, v, backend)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
+        if self.attn_gate_w is not None:
+            y = sparse_attn_gate(y, gate_input, self.attn_gate_w, self.sparse_attn_gate_scale)
         return y.reshape(batch, seq, dim)
 
     def forward(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        return self.proj(self.mix_heads(self.c_q(u), self.c_k(u), self.c_v(u), cos, sin, backend))
+        return self.proj(self.mix_heads(self.c_q(u), self.c_k(u), self.c_v(u), cos, sin, backend, u))
 
 
 class MLP(nn.Module):
@@ -220,7 +231,7 @@ class Block(nn.Module):
                 mlp_hidden = parts[3]
         else:
             q, k, v = attn.c_q(normed), attn.c_k(normed), attn.c_v(normed)
-        attn_out = attn.proj(attn.mix_heads(q, k, v, cos, sin, backend))
+        attn_out = attn.proj(attn.mix_heads(q, k, v, cos, sin, backend, normed))
         if self.parallel:
             if mlp_hidden is None:
                 mlp_hidden = mlp.fc(normed)
@@ -275,6 +286,8 @@ class GPT(nn.Module):
         head_dim = config.model_dim // config.num_heads
         if config.rope_dims % 2 or config.rope_dims > head_dim:
             raise ConfigError(f"rope_dims={config.rope_dims} must be even and <= head_dim={head_dim}")
+        if (config.sparse_attn_gate_enabled or config.smear_gate_enabled) and not 0 < config.gate_window <= config.model_dim:
+            raise ConfigError(f"gate_window={config.gate_window} must be in 1..model_dim={config.model_dim}")
         self.model_dim = config.model_dim
         self.logit_softcap = config.logit_softcap
         self.tied_embed_init_std = config.tied_embed_init_std
@@ -295,6 +308,19 @@ class GPT(nn.Module):
         self.skip_gates = (nn.Parameter(torch.zeros(self.num_skip_weights, config.model_dim, dtype=torch.float32))
                            if config.skip_gates_enabled else None)
         self.final_norm = RMSNorm()
+        # Frontier switches on the embedding and the head (parlm.model.gates); no parameter
+        # exists while a switch is off, so the default state dict is the reference's.
+        self.smear_gate = CastedLinear(config.gate_window, 1, zero_init=True) if config.smear_gate_enabled else None
+        self.smear_lambda = (nn.Parameter(torch.zeros(1, dtype=torch.float32))
+                             if config.smear_gate_enabled else None)
+        self.softcap_pos = self.softcap_neg = None
+        if config.asym_logit_rescale:
+            # As in #1923 the caps do not train with the model (training's loss is the symmetric
+            # cap's exactly: they stay at logit_softcap); score-first TTT, which sets
+            # requires_grad on every parameter, adapts them. Shape [1], not the PR's 0-dim: the
+            # artifact's byte view of fp16 passthrough tensors needs at least one dimension.
+            self.softcap_pos = nn.Parameter(torch.full((1,), config.logit_softcap), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.full((1,), config.logit_softcap), requires_grad=False)
 
         # RoPE tables for every length up to train_seq_len (longer sequences are computed per call).
         self.rope_dims, self.rope_base = config.rope_dims, config.rope_base
@@ -340,7 +366,10 @@ class GPT(nn.Module):
     # ---- forward -----------------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm output h [B, T, d] (the input of the tied head)."""
-        x = rms_norm(self.tok_emb(input_ids))
+        x = self.tok_emb(input_ids)
+        if self.smear_gate is not None:
+            x = smear_previous_token(x, input_ids, self.smear_gate.weight, self.smear_lambda)
+        x = rms_norm(x)
         x0 = x
         cos, sin = self.rotary(input_ids.size(1), input_ids.device)
         backend = self.attention_backend or ("math" if input_ids.device.type == "cpu" else "sdpa")
@@ -362,8 +391,11 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Soft-capped tied-head logits: c * tanh(h E^T / c), c = logit_softcap."""
+        """Soft-capped tied-head logits: c * tanh(h E^T / c), c = logit_softcap (or AsymLogit's
+        two caps when `asym_logit_rescale` is on)."""
         logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+        if self.softcap_pos is not None:
+            return asymmetric_softcap(logits, self.softcap_pos, self.softcap_neg)
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,12 @@ import torch
 from parlm import dist, pipeline, runlog
 from parlm.quant.artifact import CHECKPOINT_NAME
 from parlm.config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
-from parlm.data.loader import ShuffledSequenceLoader
+from parlm.data.loader import ShuffledSequenceLoader, train_seq_len_at
 from parlm.data.shards import load_validation_tokens
 from parlm.data.tokenizer import ByteTables
 from parlm.eval.scoring import autocast_context, eval_val
 from parlm.model.gpt import build_model
-from parlm.train.optim import Optimizers, lr_multiplier, muon_momentum
+from parlm.train.optim import Optimizers, lr_multiplier, muon_momentum, seq_change_warmup_scale
 from parlm.train.checks import check_inputs, clear_unfinished_attempt
 from parlm.train.state import (DeviceFlagPoller, ExponentialMovingAverage, InsufficientMemoryError,
                           StepTimer, TrainingDiverged, TrainingSnapshot, is_out_of_memory,
@@ -177,7 +177,10 @@ class Trainer:
         phases = [("warmup_step", False)]
         if self.config.num_loops > 0:
             phases.append(("loop_warmup_step", True))
-        for label, looping in phases:
+        # progressive context (#2014): every (length, looping) graph compiles before the clock
+        lengths = sorted({length for _, length in self.config.train_seq_stages()})
+        for label, looping, seq_len in [(*phase, length) for length in lengths for phase in phases]:
+            self.loader.set_seq_len(seq_len)
             self.set_looping(looping)
             if looping:
                 log(f"loop_warmup:enabled encoder:{self.base_model.encoder_indices} "
@@ -285,6 +288,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     timer = StepTimer(device)
     training_ms, stop_after_step, step = 0.0, None, 0
     looping_step, diverged, live_val = None, False, None
+    seq_change_step = None  # progressive context (#2014): the step of the last length change
     last_log_step, last_log_ms = 0, 0.0
     iterations = config.iterations
     trainer.model.train()
@@ -314,6 +318,14 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
             elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - start)
             frac = training_fraction(config, step, elapsed_ms)
             lr_scale = lr_multiplier(config, frac)
+            # ---- progressive context (#2014, parlm.data.loader.train_seq_len_at) ----
+            seq_len = train_seq_len_at(config, frac)
+            if seq_len != trainer.loader.seq_len:
+                trainer.loader.set_seq_len(seq_len)
+                seq_change_step = step
+                log(f"growth_stage:seq_len:{seq_len} step:{step} frac:{frac:.3f}")
+            lr_scale *= seq_change_warmup_scale(config, step, seq_change_step)
+            # ---- end progressive context ----
             if config.num_loops > 0 and not trainer.looping and frac >= config.enable_looping_at:
                 trainer.set_looping(True)
                 looping_step = step

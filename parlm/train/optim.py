@@ -5,7 +5,8 @@ momentum warmup.
 MuonEq-R step for a matrix parameter with gradient g and momentum buffer b:
     b <- mu b + g;  d <- g + mu b (Nesterov)
     d <- d / max(||d_row||_2, 1e-7)              (row normalisation, each row separately)
-    O <- NS5(d)                                  (5 Newton-Schulz steps in bf16)
+    O <- NS5(d)                                  (5 Newton-Schulz steps in bf16; coefficients:
+                                                  reference or Polar Express, #1344/#1787)
     O <- O * sqrt(max(1, rows/cols))
     p <- p (1 - lr wd);  p <- p - lr O            (decoupled weight decay)
 Parameter i of the group is processed by rank i % world_size; each rank writes its updates
@@ -23,22 +24,45 @@ from parlm.config import Config, compile_enabled
 from parlm.model.gpt import GPT, is_control_tensor
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025; #1344, carried into #1787/#1855): one minimax-optimised
+# (a, b, c) per iteration, so 5 iterations give a closer polar factor than 5 fixed ones.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 ROW_NORM_FLOOR = 1e-7
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz_schedule(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of `steps` iterations: "reference" repeats (3.4445, -4.7750,
+    2.0315); "polar_express" takes POLAR_EXPRESS_COEFFICIENTS in order and repeats the last
+    (nearly converged) tuple past the fifth iteration, as #1787's comment intends (its code
+    stops at five; parlm's presets use exactly five)."""
+    if kind == "reference":
+        return (NEWTON_SCHULZ_COEFFICIENTS,) * steps
+    if kind == "polar_express":
+        table = POLAR_EXPRESS_COEFFICIENTS
+        return tuple(table[min(i, len(table) - 1)] for i in range(steps))
+    raise ValueError(f"muon_newton_schulz_coefficients={kind!r} must be 'reference' or 'polar_express'")
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                                coefficients: str = "reference") -> torch.Tensor:
     """Approximate orthogonalisation of G [..., rows, cols] (a batch of matrices) in bf16.
 
-    X = bf16(G) / (||X||_F + eps) per matrix, transposed when rows > cols; then `steps` times
-    A = X X^T, B = b A + (c A) A, X = a X + B X with (a, b, c) = (3.4445, -4.7750, 2.0315);
-    transposed back. Returns bf16."""
-    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    X = bf16(G) / (||X||_F + eps) per matrix, transposed when rows > cols; then for each
+    iteration's (a, b, c) of `newton_schulz_schedule(coefficients, steps)`:
+    A = X X^T, B = b A + (c A) A, X = a X + B X; transposed back. Returns bf16. The reference
+    uses (a, b, c) = (3.4445, -4.7750, 2.0315) every time; "polar_express" is #1344/#1787's."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
-    for _ in range(steps):
+    for a, b, c in newton_schulz_schedule(coefficients, steps):
         A = X @ X.mT
         B = b * A + (c * A) @ A
         X = a * X + B @ X
@@ -57,22 +81,29 @@ def shape_scale(rows: int, cols: int) -> float:
 
 class Muon(torch.optim.Optimizer):
     """MuonEq-R (module docstring). Group options: lr, momentum, backend_steps, nesterov,
-    weight_decay, row_normalize. `compile_newton_schulz` compiles the NS function (CUDA)."""
+    weight_decay, row_normalize, newton_schulz_coefficients ("reference" | "polar_express").
+    `compile_newton_schulz` compiles the NS function (CUDA)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
-                 weight_decay: float = 0.0, row_normalize: bool = False, compile_newton_schulz: bool = False):
+                 weight_decay: float = 0.0, row_normalize: bool = False, compile_newton_schulz: bool = False,
+                 newton_schulz_coefficients: str = "reference"):
+        newton_schulz_schedule(newton_schulz_coefficients, 0)  # fail here on an unknown name
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                        weight_decay=weight_decay, row_normalize=row_normalize)
+                        weight_decay=weight_decay, row_normalize=row_normalize,
+                        newton_schulz_coefficients=newton_schulz_coefficients)
         super().__init__(params, defaults)
         self.compile_newton_schulz = compile_newton_schulz
         self._compiled_newton_schulz = None
 
-    def _newton_schulz(self, G: torch.Tensor, steps: int) -> torch.Tensor:
-        if not self.compile_newton_schulz:
-            return zeropower_via_newtonschulz5(G, steps)
-        if self._compiled_newton_schulz is None:
-            self._compiled_newton_schulz = torch.compile(zeropower_via_newtonschulz5, dynamic=False)
-        return self._compiled_newton_schulz(G, steps)
+    def _newton_schulz(self, G: torch.Tensor, steps: int, coefficients: str) -> torch.Tensor:
+        function = zeropower_via_newtonschulz5
+        if self.compile_newton_schulz:
+            if self._compiled_newton_schulz is None:
+                self._compiled_newton_schulz = torch.compile(zeropower_via_newtonschulz5, dynamic=False)
+            function = self._compiled_newton_schulz
+        if coefficients == "reference":  # the reference's call, unchanged
+            return function(G, steps)
+        return function(G, steps, coefficients=coefficients)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,7 +142,8 @@ class Muon(torch.optim.Optimizer):
                 stacked = torch.stack(directions)
                 if group["row_normalize"]:
                     stacked = row_normalize(stacked)
-                orthogonal = self._newton_schulz(stacked, group["backend_steps"])
+                orthogonal = self._newton_schulz(stacked, group["backend_steps"],
+                                                 group.get("newton_schulz_coefficients", "reference"))
                 orthogonal = orthogonal * shape_scale(shape[0], shape[1])
                 torch._foreach_copy_([views[i] for i in indices], list(orthogonal.unbind(0)))
 
@@ -130,7 +162,9 @@ class Muon(torch.optim.Optimizer):
 def split_parameters(model: GPT, control_patterns) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(matrix, scalar) parameters of SPEC 3.3: block 2-D parameters that match no control
     pattern go to Muon; block vectors and control tensors, then skip_weights and skip_gates,
-    go to the scalar AdamW group. The tied embedding is in neither."""
+    then the SmearGate's weight and lambda (#1855 adds them by hand too: they sit outside the
+    blocks), go to the scalar AdamW group. The tied embedding is in neither, and neither are
+    AsymLogit's caps (#1923: they do not train with the model)."""
     matrix, scalar = [], []
     for name, param in model.blocks.named_parameters():
         if param.ndim == 2 and not is_control_tensor(name, control_patterns):
@@ -141,6 +175,8 @@ def split_parameters(model: GPT, control_patterns) -> tuple[list[torch.nn.Parame
         scalar.append(model.skip_weights)
     if model.skip_gates is not None and model.skip_gates.numel() > 0:
         scalar.append(model.skip_gates)
+    if model.smear_gate is not None:
+        scalar += [model.smear_gate.weight, model.smear_lambda]
     return matrix, scalar
 
 
@@ -162,7 +198,8 @@ class Optimizers:
         self.optimizer_muon = Muon(
             matrix_params, lr=config.matrix_lr, momentum=config.muon_momentum,
             backend_steps=config.muon_backend_steps, weight_decay=config.muon_wd,
-            row_normalize=config.muon_row_normalize, compile_newton_schulz=compile_enabled(config, device))
+            row_normalize=config.muon_row_normalize, compile_newton_schulz=compile_enabled(config, device),
+            newton_schulz_coefficients=config.muon_newton_schulz_coefficients)
         for group in self.optimizer_muon.param_groups:
             group["base_lr"] = config.matrix_lr
         self.optimizer_scalar = torch.optim.AdamW(
@@ -206,7 +243,10 @@ def muon_momentum(config: Config, step: int) -> float:
 
 def lr_multiplier(config: Config, frac: float) -> float:
     """1 while frac < 1 - warmdown_frac, then max((1 - frac) / warmdown_frac, min_lr): a linear
-    warmdown over the last `warmdown_frac` of training (frac = elapsed / budget). No warmup."""
+    warmdown over the last `warmdown_frac` of training (frac = elapsed / budget). No warmup.
+
+    min_lr is the MIN_LR warmdown floor of #1787 (0 in the reference): a fraction of every
+    group's peak LR below which the warmdown never goes (#1787: 0.1, "10% of max instead of 0")."""
     if config.warmdown_frac <= 0:
         return 1.0
     if frac >= 1.0 - config.warmdown_frac:
@@ -214,7 +254,19 @@ def lr_multiplier(config: Config, frac: float) -> float:
     return 1.0
 
 
+def seq_change_warmup_scale(config: Config, step: int, change_step: int | None) -> float:
+    """LR factor after a progressive-context change (#2014 SEQ_CHANGE_WARMUP_STEPS): at the
+    change (change_step) and the seq_change_warmup_steps - 1 steps after it,
+    min((step - change_step + 1) / seq_change_warmup_steps, 1); 1 when there was no change
+    (change_step None) or no warmup. Multiplies `lr_multiplier`."""
+    warmup = config.seq_change_warmup_steps
+    if change_step is None or warmup <= 0:
+        return 1.0
+    return min(max((step - change_step + 1) / warmup, 0.0), 1.0)
+
+
 __all__ = [
     "Muon", "Optimizers", "lr_multiplier", "muon_momentum", "row_normalize", "shape_scale",
     "split_parameters", "zeropower_via_newtonschulz5", "NEWTON_SCHULZ_COEFFICIENTS",
+    "POLAR_EXPRESS_COEFFICIENTS", "newton_schulz_schedule", "seq_change_warmup_scale",
 ]
