@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from parlm import dist
+from parlm.cli import stage_command
 from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME
 from parlm.config import Config, compile_enabled
 from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, eval_val,
@@ -188,21 +189,10 @@ def evaluate_run(config: Config, run_dir) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from parlm.config import add_config_arguments, config_from_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m parlm.eval",
-        description="Evaluate a run folder's quantized artifact: plain, sliding-window and "
-                    "score-first TTT BPB; writes eval.json and nll.npz (also under torchrun).")
-    parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and the artifact")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    config = config_from_arguments(args, args.run_dir)
-    try:
-        evaluate_run(config, args.run_dir)
-    finally:
-        dist.cleanup()
-
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parlm.eval --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    return stage_command(
+        "python -m parlm.eval",
+        "Evaluate a run folder's quantized artifact: plain, sliding-window and score-first TTT "
+        "BPB; writes eval.json and nll.npz (also under torchrun).",
+        evaluate_run, argv, run_dir_help="run folder holding config.yaml and the artifact")

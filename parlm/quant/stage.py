@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from parlm import dist
+from parlm.cli import stage_command
 from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_quantized_model, pack  # noqa: F401 (re-export)
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
+# The submission builder reads package sources and imports no stage (docs/architecture.md).
+from parlm.submission.build import build_submission_script, write_generated_file
 
 CODE_NAME = "submission_train_gpt.py"
 
@@ -40,11 +43,6 @@ class ArtifactTooLarge(RuntimeError):
             f"To go on with this model anyway, rerun with --set artifact_cap_bytes=<bytes> (the same "
             f"run id of parlm.run resumes without training again; the report still checks the "
             f"{ARTIFACT_CAP_BYTES:,}-byte limit)")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def calibration_batches(config, device: torch.device, world_size: int):
@@ -81,8 +79,6 @@ def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[s
 def generated_code_bytes(run_dir: Path) -> tuple[int, str]:
     """Build the submission script from the installed package, write it to
     `<run_dir>/submission_train_gpt.py` and return (its size in bytes, its sha256)."""
-    from parlm.submission.build import build_submission_script, write_generated_file
-
     script = build_submission_script()
     write_generated_file(run_dir / CODE_NAME, script)
     return len(script), hashlib.sha256(script).hexdigest()
@@ -130,7 +126,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
             hessians = collect_hessians(model, calibration_batches(config, device, world_size),
                                         config.quant_passthrough_max_numel, progress=bar,
                                         embedding=EMBEDDING_NAME in large)
-    _synchronize(device)
+    dist.synchronize(device)
     hessian_seconds = time.perf_counter() - started
     del model
     distinct = len({id(h) for h in hessians.values()})
@@ -139,7 +135,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
 
     started = time.perf_counter()
     weights, methods = quantize_state(config, state_dict, hessians, device)
-    _synchronize(device)
+    dist.synchronize(device)
     gptq_seconds = time.perf_counter() - started
     logger.log(f"quant: GPTQ of {sum(m.startswith('gptq') for m in methods.values())} tensors in {gptq_seconds:.1f}s")
 
@@ -188,17 +184,11 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from parlm.config import add_config_arguments, config_from_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m parlm.quant",
-        description="Quantize a training run folder: Hessians, GPTQ int6/int8, brotli artifact "
-                    "final_model.int6.ptz and quant.json (bytes_total against the cap).")
-    parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and final_model.pt")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    quantize_run(config_from_arguments(args, args.run_dir), args.run_dir)
-
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parlm.quant --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    return stage_command(
+        "python -m parlm.quant",
+        "Quantize a training run folder: Hessians, GPTQ int6/int8, brotli artifact "
+        "final_model.int6.ptz and quant.json (bytes_total against the cap).",
+        quantize_run, argv, run_dir_help="run folder holding config.yaml and final_model.pt",
+        user_errors=(ArtifactTooLarge,))

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from parlm.runlog import seed_dirs
+
 
 STAGE_LABELS = {"prequant_bpb": "pre-quant\n(EMA)", "quantized_bpb": "quantized",
                 "sliding_bpb": "sliding\nwindow", "ttt_bpb": "score-first\nTTT"}
@@ -126,8 +128,6 @@ def save_report_plots(run_root: str | Path, summaries: Sequence[dict[str, Any]],
                       out_dir: str | Path, baseline: Sequence[dict[str, Any]] = (),
                       baseline_label: str = "baseline") -> dict[str, str]:
     """Write the three report figures into `out_dir`; return {name: png path}."""
-    from parlm.report.summary import seed_dirs
-
     out_dir = Path(out_dir)
     return {
         "bpb_by_stage": save_figure(bpb_by_stage(summaries, baseline, baseline_label),

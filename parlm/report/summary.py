@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from parlm import runlog
+from parlm.runlog import seed_dirs
 from parlm.config import ARTIFACT_CAP_BYTES
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference"
@@ -200,6 +201,12 @@ def _seed_of(run_dir: Path) -> int | None:
     return int(name.split("_", 1)[1]) if name.startswith("seed_") and name[5:].isdigit() else None
 
 
+def summary_stage(config, run_dir) -> None:
+    """The pipeline's "summary" stage: `summarize_seed(run_dir)` (the stage files hold all it
+    reads, so the config is not needed)."""
+    summarize_seed(run_dir)
+
+
 def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """Assemble `summary.json` of one seed from its stage result files.
 
@@ -232,13 +239,6 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # Several seeds
-
-def seed_dirs(run_root: str | Path) -> list[Path]:
-    """The `seed_<n>` folders of a run, sorted by seed number."""
-    root = Path(run_root)
-    found = [p for p in root.glob("seed_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
 
 def load_run_summaries(run_root: str | Path) -> list[dict[str, Any]]:
     """One summary per finished seed of a run (summary.json, else assembled from stage files).
