@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from parlm import dist
 from parlm.config import Config, compile_enabled
-from parlm.dist import autocast_context, synchronize  # noqa: F401 (eval's callers import them here)
+from parlm.dist import autocast_context, synchronize
 # The plain scorer is shared with training and quantization, so it lives below them; it is
 # imported here too because the eval stage scores plain, sliding and TTT side by side.
 from parlm.model.validation import (EvalResult, device_byte_tables, eval_val,  # noqa: F401

@@ -21,8 +21,9 @@ from parlm import dist
 from parlm.cli import stage_command
 from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME
 from parlm.config import Config, compile_enabled
-from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, eval_val,
-                   eval_val_sliding, plain_batch_plan, synchronize)
+from parlm.dist import autocast_context, synchronize
+from parlm.eval.scoring import WindowScorer, eval_val_sliding
+from parlm.model.validation import EvalResult, eval_val, plain_batch_plan
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
 

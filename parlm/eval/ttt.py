@@ -28,8 +28,9 @@ import torch.distributed as torch_dist
 
 from parlm import dist
 from parlm.config import Config, compile_enabled
-from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, loss_and_bpb,
-                   plan_ttt_chunks, synchronize)
+from parlm.dist import autocast_context, synchronize
+from parlm.eval.scoring import WindowScorer, plan_ttt_chunks
+from parlm.model.validation import EvalResult, loss_and_bpb
 
 
 @dataclass
