@@ -25,8 +25,6 @@ from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, 
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
-# The submission builder reads package sources and imports no stage (docs/architecture.md).
-from parlm.submission.build import build_submission_script, write_generated_file
 
 CODE_NAME = "submission_train_gpt.py"
 
@@ -79,9 +77,56 @@ def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[s
 def generated_code_bytes(run_dir: Path) -> tuple[int, str]:
     """Build the submission script from the installed package, write it to
     `<run_dir>/submission_train_gpt.py` and return (its size in bytes, its sha256)."""
+    # Imported here: the generated script itself does not carry its generator. The builder
+    # reads package sources and imports no stage, so it ranks below the stages
+    # (docs/architecture.md).
+    from parlm.submission.build import build_submission_script, write_generated_file
+
     script = build_submission_script()
     write_generated_file(run_dir / CODE_NAME, script)
     return len(script), hashlib.sha256(script).hexdigest()
+
+
+def load_trained_model(config, checkpoint: Path, device: torch.device):
+    """(state dict of `checkpoint` on CPU, the model built from it on `device` in eval mode with
+    looping on, as the artifact will be scored)."""
+    from parlm.model.gpt import build_model
+
+    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build_model(config, device)
+    model.load_state_dict(state_dict, strict=True)
+    model.looping_active = True
+    model.eval()
+    return state_dict, model
+
+
+def calibration_hessians(config, model, state_dict: dict[str, torch.Tensor], device: torch.device,
+                         world_size: int) -> dict[str, torch.Tensor]:
+    """The GPTQ Hessians H = X^T X of every tensor above the passthrough size, from the
+    calibration batches (none when every tensor is small enough for fp16 passthrough)."""
+    from tqdm.auto import tqdm
+
+    large = [name for name, tensor in state_dict.items()
+             if tensor.is_floating_point() and tensor.numel() > config.quant_passthrough_max_numel]
+    if not large:
+        return {}
+    with tqdm(total=config.gptq_calibration_batches, desc="hessians", leave=False) as bar:
+        return collect_hessians(model, calibration_batches(config, device, world_size),
+                                config.quant_passthrough_max_numel, progress=bar,
+                                embedding=EMBEDDING_NAME in large)
+
+
+def write_artifact(run_dir: Path, blob: bytes, fits: bool) -> Path:
+    """Write the artifact atomically: as final_model.int6.ptz when it fits the cap (removing a
+    stale over-cap copy), else only as final_model.int6.OVER_CAP.ptz. Returns its path."""
+    path = run_dir / ARTIFACT_NAME
+    atomic_write_bytes(path, blob)
+    if not fits:
+        os.replace(path, run_dir / OVER_CAP_NAME)
+        return run_dir / OVER_CAP_NAME
+    if (run_dir / OVER_CAP_NAME).exists():
+        (run_dir / OVER_CAP_NAME).unlink()  # stale result of an earlier, larger attempt
+    return path
 
 
 def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: bool = True) -> dict:
@@ -106,26 +151,11 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     world_size = int(train_info.get("world_size", 1))
 
     started = time.perf_counter()
-    from parlm.model.gpt import build_model
-
-    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = build_model(config, device)
-    model.load_state_dict(state_dict, strict=True)
-    model.looping_active = True
-    model.eval()
+    state_dict, model = load_trained_model(config, checkpoint, device)
     setup_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    large = [name for name, tensor in state_dict.items()
-             if tensor.is_floating_point() and tensor.numel() > config.quant_passthrough_max_numel]
-    hessians = {}
-    if large:  # nothing to calibrate when every tensor is small enough for fp16 passthrough
-        with tqdm(total=config.gptq_calibration_batches, desc="hessians", leave=False) as bar:
-            hessians = collect_hessians(model, calibration_batches(config, device, world_size),
-                                        config.quant_passthrough_max_numel, progress=bar,
-                                        embedding=EMBEDDING_NAME in large)
+    hessians = calibration_hessians(config, model, state_dict, device, world_size)
     dist.synchronize(device)
     hessian_seconds = time.perf_counter() - started
     del model
@@ -151,13 +181,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     bytes_model = len(blob)
     bytes_total = bytes_model + code_bytes
     fits = bytes_total <= config.artifact_cap_bytes
-    path = run_dir / ARTIFACT_NAME
-    atomic_write_bytes(path, blob)
-    if not fits:
-        os.replace(path, run_dir / OVER_CAP_NAME)
-        path = run_dir / OVER_CAP_NAME
-    elif (run_dir / OVER_CAP_NAME).exists():
-        (run_dir / OVER_CAP_NAME).unlink()  # stale result of an earlier, larger attempt
+    path = write_artifact(run_dir, blob, fits)
 
     per_tensor = None
     if statistics:
