@@ -194,8 +194,10 @@ def execute_notebook(source: Path, output: Path, parameters: dict, plan: RunPlan
         papermill.execute_notebook(
             str(source), str(running), parameters=parameters, kernel_name=plan.kernel_name,
             progress_bar=plan.progress_bar, log_output=plan.log_output, cwd=str(plan.cwd),
-            # ipykernel's own start-up warnings (e.g. about local TCP transport) are noise here.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            # ipykernel's own log (start-up warnings about local TCP transport; after Ctrl-C,
+            # errors about the sockets parlm.run closed) is noise here: cell errors reach us as
+            # messages, not through that log.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as exc:
         _save_failed(running, failed, source, f"{exc.ename}: {exc.evalue}")
         raise NotebookFailed(f"{source.name} failed in cell {exc.cell_index}: {exc.ename}: "

@@ -72,10 +72,8 @@ def configure_cuda_math() -> None:
 
     Why the last one: Inductor (torch 2.11) fuses each RMSNorm backward (a row reduction) with
     the gradients of the per-channel control vectors (column reductions over B*T rows) into
-    "mix-order" kernels; on the default model three of them took 53-59 ms per step each on an
-    H100. With them off the same compiled step measured 1,055k tok/s before looping and 698k
-    after (937k / 617k with them on), peak memory 38.8 GiB (benchmarks/model_step_speed.py,
-    1xH100, 2026-11-26)."""
+    "mix-order" kernels that are slow on the default model; with them off the compiled step is
+    faster (benchmarks/model_step_speed.py measures it; figures in the README)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("high")
