@@ -8,6 +8,7 @@ half-written ever looks complete; `stage_done` markers drive resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,18 +29,26 @@ STAGE_RESULT_FILES = {"train": "train.json", "quant": "quant.json", "eval": "eva
                       "ppm": "ppm.json"}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling and an atomic rename; on any error
-    (a full disk, an interrupt) the temporary file is removed and `path` keeps its old content."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary sibling of `path` to write; renamed onto `path` when the block ends
+    normally, removed on any error (a full disk, an interrupt), so `path` is either its old
+    content or the complete new one and no temporary file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -135,14 +144,8 @@ def record_config(config: Config, run_dir: str | os.PathLike) -> Config:
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write a resolved config as YAML atomically (`Config.save` through a temporary file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         config.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def environment_info() -> dict[str, Any]:

@@ -247,3 +247,23 @@ def test_quiet_terminal_prints_one_line_per_notebook(tmp_path, capsys):
     notebook_lines = [line for line in captured.err.splitlines() if "01_quick" in line]
     assert len(notebook_lines) == 1 and notebook_lines[0].startswith("[seed 1] 1/1 01_quick: ")
     assert "kernel: python3 (" in captured.err
+
+
+def test_a_checkpoint_save_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import torch
+
+    from parlm.train import loop
+
+    path = tmp_path / "final_model.pt"
+    loop._save_state_dict({"w": torch.ones(2)}, path)
+
+    def full(obj, target):
+        Path(target).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        loop._save_state_dict({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["final_model.pt"]

@@ -225,9 +225,8 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------
 def _save_state_dict(state: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with runlog.atomic_path(path) as tmp:  # no temporary file left on a full disk
+        torch.save(state, tmp)
 
 
 def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
