@@ -185,7 +185,7 @@ def execute_notebook(source: Path, output: Path, parameters: dict, plan: RunPlan
     from papermill.exceptions import PapermillExecutionError
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Pass only the parameters the notebook declares (01/02/04 have no use for `nproc`).
+    # Pass only the parameters the notebook declares (01/02 have no use for `nproc`).
     declared = papermill.inspect_notebook(str(source))
     parameters = {k: v for k, v in parameters.items() if k in declared}
     running = output.with_name(f".{output.stem}.running.ipynb")

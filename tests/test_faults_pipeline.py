@@ -64,6 +64,7 @@ sys.exit(run.run_cli(plan, ["--preset", "demo", "--seeds", "1", "--run-id", "t"]
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path):
     script = SIGINT_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
