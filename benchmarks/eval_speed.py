@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from parlm.config import Config, compile_enabled, parse_overrides
 from parlm.dist import init_distributed
-from parlm.eval.scoring import WindowScorer, autocast_context, eval_val_sliding, synchronize, window_starts
+from parlm.dist import autocast_context, synchronize
+from parlm.eval.scoring import WindowScorer, eval_val_sliding, window_starts
 from parlm.eval.ttt import eval_val_ttt
 
 

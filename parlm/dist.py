@@ -5,6 +5,7 @@ so tests, notebooks and CPU runs call the same code as an 8-GPU node.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -161,6 +162,20 @@ def gather_to_main(tensor: torch.Tensor) -> list[torch.Tensor] | None:
         return gathered if is_main() else None
     dist.gather(tensor, gather_list=parts, dst=0)
     return parts
+
+
+def autocast_context(device: torch.device | str):
+    """bf16 autocast on CUDA (the reference's forward precision), nullcontext on CPU."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work (no-op on CPU) so wall times measure the work itself."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def contiguous_share(n_items: int, rank: int, world_size: int) -> tuple[int, int]:

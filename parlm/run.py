@@ -1,12 +1,16 @@
 """Run the numbered notebooks headless with papermill: every stage, per seed, then the report.
 
     python -m parlm.run --preset demo --seeds 42 314 [--nproc N] [--set key=value ...]
-                        [--run-id ID] [--baseline pr1858|runs/<other>]
+                        [--run-id ID] [--baseline pr1858|runs/<other>] [--verbose]
 
 For each seed, notebooks 01-06 execute into `runs/<run_id>/seed_<seed>/` (executed copies named
 like `01_data.ipynb`, next to the stage files they produce); then 07 executes into
 `runs/<run_id>/report/`. Each notebook receives the parameters `preset`, `run_dir` (absolute),
 `seed`, `overrides` (list of "key=value") and `nproc`.
+
+The terminal shows one line per notebook, papermill's progress bar and each stage's summary
+line; the full output stays in the executed notebooks and the stage logs (`--verbose` streams
+every cell's output as well).
 
 Safety and resume:
 - a notebook executes into `.<name>.running.ipynb` and is renamed to `<name>.ipynb` only after
@@ -15,25 +19,32 @@ Safety and resume:
 - each finished notebook leaves a marker `.stages/notebook_<name>.done` (the stages themselves
   leave theirs through parlm.pipeline, only after all their outputs are written); rerunning the
   same `--run-id` skips finished notebooks, and `pipeline.prepare_run` refuses a config that
-  differs from the one saved in the folder.
+  differs from the one saved in the folder;
+- Ctrl-C ends with one line holding the exact command that resumes; a runs folder that cannot
+  be written (read-only, full) ends with one line naming it.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from parlm import runlog
-from parlm.config import Config, ConfigError, parse_overrides
+from parlm import pipeline, runlog
+from parlm.config import PROJECT_ROOT, Config, ConfigError, checkout_kernel_name, parse_overrides
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+# OSError numbers of a folder that cannot be written: read-only, no permission, full, over quota.
+UNWRITABLE = {errno.EACCES: "is not writable", errno.EPERM: "is not writable",
+              errno.EROFS: "is on a read-only file system", errno.ENOSPC: "has no space left",
+              errno.EDQUOT: "is over its disk quota"}
 # (notebook stem, the pipeline stage whose files it produces; None for a notebook that only
 # inspects, such as the model tour).
 SEED_NOTEBOOKS = (
@@ -71,7 +82,7 @@ class RunPlan:
     notebook_dir: Path = NOTEBOOK_DIR
     cwd: Path = PROJECT_ROOT
     progress_bar: bool = True
-    log_output: bool = True
+    log_output: bool = False  # stream every cell's output (--verbose)
     keep_going: bool = False
     seed_notebooks: tuple = SEED_NOTEBOOKS
     report_notebook: str | None = REPORT_NOTEBOOK  # None: no report notebook (tests)
@@ -104,18 +115,37 @@ def default_run_id(preset: str, now: datetime.datetime | None = None) -> str:
 
 
 def choose_kernel() -> str:
-    """`parlm` when that Jupyter kernel is registered for this very Python environment, else
-    `python3` (the environment's own kernel): a `parlm` kernel registered from another checkout
-    would silently run other code."""
+    """This checkout's own kernel (`parlm.config.checkout_kernel_name`, registered by set-up),
+    else `parlm`, each only when its kernelspec runs this very Python environment, else
+    `python3` (the environment's own kernel): a kernel registered from another checkout would
+    silently run other code."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    except ImportError:
+        return "python3"
+    for name in (checkout_kernel_name(), "parlm"):
+        try:
+            spec = KernelSpecManager().get_kernel_spec(name)
+        except (NoSuchKernel, OSError, ValueError):
+            continue
+        if spec.argv and Path(spec.argv[0]).absolute().parent == Path(sys.executable).absolute().parent:
+            return name
+    return "python3"
+
+
+def kernel_python(kernel_name: str) -> str:
+    """The interpreter a Jupyter kernel starts (its kernelspec's argv[0]), or a note why unknown."""
     try:
         from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-        spec = KernelSpecManager().get_kernel_spec("parlm")
-    except (ImportError, NoSuchKernel, OSError, ValueError):
-        return "python3"
-    if spec.argv and Path(spec.argv[0]).absolute().parent == Path(sys.executable).absolute().parent:
-        return "parlm"
-    return "python3"
+        spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    except ImportError:
+        return "unknown (jupyter_client missing)"
+    except (NoSuchKernel, OSError, ValueError):
+        return "not registered"
+    python = spec.argv[0] if spec.argv else "?"
+    # ipykernel's own spec names plain "python": the kernel manager runs it as this interpreter.
+    return sys.executable if python in ("python", "python3") else python
 
 
 def notebook_marker(stem: str) -> str:
@@ -127,17 +157,39 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _save_failed(running: Path, failed: Path, source: Path, error: str) -> None:
+    """Turn the partly executed `running` notebook into `failed`, written atomically as valid
+    JSON: its own content when it parses, else the source notebook with a note of the error
+    (papermill may have been cut off mid-write, e.g. by a full disk). `running` is removed."""
+    import nbformat
+
+    try:
+        try:
+            notebook = nbformat.read(str(running), as_version=4)
+        except Exception:  # missing, truncated or not JSON: keep at least the code and the error
+            notebook = nbformat.read(str(source), as_version=4)
+            notebook.cells.insert(0, nbformat.v4.new_markdown_cell(
+                f"**parlm.run: execution failed** ({error}); the partly executed notebook could "
+                f"not be saved."))
+        runlog.atomic_write_text(failed, nbformat.writes(notebook))
+    except OSError:
+        pass  # the folder cannot be written (full, read-only): the error line says so
+    finally:
+        running.unlink(missing_ok=True)
+
+
 def execute_notebook(source: Path, output: Path, parameters: dict, plan: RunPlan) -> Path:
     """Execute `source` with papermill into `output`, through a temporary `.running` name.
 
     On success the executed notebook is renamed to `output` (and a stale `.FAILED` copy from an
-    earlier attempt is removed); on failure it becomes `<stem>.FAILED.ipynb` and NotebookFailed
-    is raised with the error and that path."""
+    earlier attempt is removed); on failure it becomes `<stem>.FAILED.ipynb`, always valid JSON
+    (`_save_failed`), and NotebookFailed is raised with the error and that path; Ctrl-C saves it
+    the same way and propagates."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Pass only the parameters the notebook declares (01/02/04/06 have no use for `nproc`).
+    # Pass only the parameters the notebook declares (01/02 have no use for `nproc`).
     declared = papermill.inspect_notebook(str(source))
     parameters = {k: v for k, v in parameters.items() if k in declared}
     running = output.with_name(f".{output.stem}.running.ipynb")
@@ -146,17 +198,17 @@ def execute_notebook(source: Path, output: Path, parameters: dict, plan: RunPlan
         papermill.execute_notebook(
             str(source), str(running), parameters=parameters, kernel_name=plan.kernel_name,
             progress_bar=plan.progress_bar, log_output=plan.log_output, cwd=str(plan.cwd),
-            # ipykernel's own start-up warnings (e.g. about local TCP transport) are noise here.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            # ipykernel's own log (start-up warnings about local TCP transport; after Ctrl-C,
+            # errors about the sockets parlm.run closed) is noise here: cell errors reach us as
+            # messages, not through that log.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as exc:
-        if running.exists():
-            os.replace(running, failed)
+        _save_failed(running, failed, source, f"{exc.ename}: {exc.evalue}")
         raise NotebookFailed(f"{source.name} failed in cell {exc.cell_index}: {exc.ename}: "
                              f"{exc.evalue}", failed) from None
-    except BaseException as exc:  # kernel death, Ctrl-C: keep what ran, never as complete
-        if running.exists():
-            os.replace(running, failed)
-        if isinstance(exc, KeyboardInterrupt):
+    except BaseException as exc:  # kernel death, Ctrl-C, a full disk: keep what ran, never as complete
+        _save_failed(running, failed, source, f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, OSError) and exc.errno in UNWRITABLE):
             raise
         raise NotebookFailed(f"{source.name} did not finish: {type(exc).__name__}: {exc}",
                              failed) from exc
@@ -178,32 +230,31 @@ def _check_notebooks(plan: RunPlan) -> None:
 def prepare_seed(plan: RunPlan, seed: int) -> Config:
     """Resolve and check the seed's config and write (or verify) its `config.yaml` before any
     notebook starts, so a mismatched resume or a bad override fails at once."""
-    from parlm.pipeline import prepare_run
-
-    config = Config.from_preset(plan.preset, parse_overrides(plan.overrides)).replace(seed=seed)
+    config = pipeline.resolve_config(plan.preset, seed, plan.overrides)
     config.validate(world_size=plan.nproc)
-    return prepare_run(config, plan.seed_dir(seed))
+    return pipeline.prepare_run(config, plan.seed_dir(seed))
 
 
-def _adopt_stage(run_dir: Path, stage: str, started_at: float, notebook: Path) -> None:
-    """A notebook that ran its stage function directly (not through parlm.pipeline) leaves no
-    marker. It finished without error, so when the stage's result file was written during this
-    execution the stage is complete: mark it. Otherwise the notebook did not run its stage."""
-    result = runlog.STAGE_RESULT_FILES.get(stage)
-    path = run_dir / result if result else None
-    if path is not None and path.exists() and path.stat().st_mtime >= started_at - 1.0:
-        runlog.mark_stage_done(run_dir, stage)
-        _say(f"  (stage '{stage}' marked done: {notebook.name} wrote {result} but left no marker)")
-        return
-    raise NotebookFailed(f"{notebook.name} finished but stage '{stage}' has no marker in "
-                         f"{run_dir / '.stages'} and wrote no {result or 'result file'}; the "
-                         f"notebook must run its stage (through parlm.pipeline)", notebook)
+def stage_summary_line(stage: str | None, run_dir: Path) -> str:
+    """The one-line result of a finished stage, read from its result file ('' when none)."""
+    result_file = runlog.STAGE_RESULT_FILES.get(stage or "")
+    path = run_dir / result_file if result_file else None
+    if path is None or not path.exists():
+        return ""
+    result = runlog.read_json(path)
+    fields = {"train": ("steps", "train_seconds", "prequant_bpb"),
+              "quant": ("bytes_model", "bytes_code", "bytes_total", "fits_cap"),
+              "eval": ("quantized_bpb", "sliding_bpb", "ttt_bpb"),
+              "ppm": ("mix_bpb", "gate_skip")}[stage]
+    def shown(value):
+        return f"{value:.5f}" if isinstance(value, float) else str(value)
+    return " ".join(f"{key}={shown(result[key])}" for key in fields if key in result)
 
 
 def run_seed(plan: RunPlan, seed: int) -> dict:
-    """Execute notebooks 01-06 for one seed (skipping finished ones), then its summary.json."""
-    from parlm import pipeline
-
+    """Execute notebooks 01-06 for one seed (skipping finished ones), then its summary.json.
+    The seed's folder is prepared once, here; each notebook starts its own stage through
+    `pipeline.stage` and must leave that stage's marker."""
     run_dir = plan.seed_dir(seed)
     config = prepare_seed(plan, seed)
     for index, (stem, stage) in enumerate(plan.seed_notebooks, start=1):
@@ -211,15 +262,20 @@ def run_seed(plan: RunPlan, seed: int) -> dict:
         if runlog.stage_done(run_dir, notebook_marker(stem)):
             _say(f"{tag}: done earlier, skipped")
             continue
-        _say(f"{tag}: running{f' (stage {stage})' if stage else ''} -> {run_dir / (stem + '.ipynb')}")
-        start, started_at = time.perf_counter(), time.time()
-        execute_notebook(plan.notebook_dir / f"{stem}.ipynb", run_dir / f"{stem}.ipynb",
-                         plan.seed_parameters(seed), plan)
+        start = time.perf_counter()
+        notebook = execute_notebook(plan.notebook_dir / f"{stem}.ipynb", run_dir / f"{stem}.ipynb",
+                                    plan.seed_parameters(seed), plan)
         if stage is not None and not runlog.stage_done(run_dir, stage):
-            _adopt_stage(run_dir, stage, started_at, run_dir / f"{stem}.ipynb")
+            raise NotebookFailed(f"{notebook.name} finished but stage '{stage}' has no marker in "
+                                 f"{run_dir / '.stages'}; the notebook must start its stage with "
+                                 f"parlm.pipeline.stage(...)", notebook)
         runlog.mark_stage_done(run_dir, notebook_marker(stem))
-        _say(f"{tag}: finished in {time.perf_counter() - start:.1f} s")
-    pipeline.ensure(config, run_dir, "summary", nproc=plan.nproc)
+        summary = stage_summary_line(stage, run_dir)
+        _say(f"{tag}: {time.perf_counter() - start:.1f} s" + (f"  {summary}" if summary else "")
+             + (f"  -> {notebook}" if plan.log_output else ""))
+    for stage in pipeline.STAGES:  # notebooks made every stage but the summary
+        if not runlog.stage_done(run_dir, stage):
+            pipeline.run_stage(stage, config, run_dir, nproc=plan.nproc)
     return runlog.read_json(run_dir / "summary.json")
 
 
@@ -242,7 +298,8 @@ def run(plan: RunPlan) -> int:
     # One record per invocation; the pid keeps concurrent invocations (one seed per GPU) apart.
     runlog.write_json(plan.run_root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json",
                       invocation)
-    _say(f"run id: {plan.run_id}  ({plan.run_root})  kernel: {plan.kernel_name}")
+    _say(f"run id: {plan.run_id}  ({plan.run_root})  kernel: {plan.kernel_name} "
+         f"({kernel_python(plan.kernel_name)})")
     failures = []
     for seed in plan.seeds:
         start = time.perf_counter()
@@ -309,9 +366,50 @@ def build_parser() -> argparse.ArgumentParser:
                              "all seeds makes the report (e.g. after one invocation per GPU)")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing seed, go on with the others (exit code still 1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream every cell's output to the terminal (default: one line per "
+                             "notebook, the progress bar and each stage's summary line)")
     parser.add_argument("--quiet", action="store_true",
-                        help="no streamed cell output (stage lines and progress bar only)")
+                        help="the default terminal output (kept for older command lines)")
     return parser
+
+
+def resume_command(argv: Sequence[str], run_id: str) -> str:
+    """The command line that resumes this invocation: the same flags with `--run-id` set."""
+    argv = list(argv)
+    if "--run-id" not in argv and not any(a.startswith("--run-id=") for a in argv):
+        argv += ["--run-id", run_id]
+    return shlex.join([os.path.basename(sys.executable), "-m", "parlm.run", *argv])
+
+
+def unwritable_folder(error: OSError, runs_dir: Path) -> str | None:
+    """The one-line message for an error of a runs folder that cannot be written (read-only,
+    no permission, full disk), else None."""
+    if error.errno not in UNWRITABLE:
+        return None
+    where = error.filename or runs_dir
+    return (f"error: {where} {UNWRITABLE[error.errno]} ({error.strerror}); free space or choose "
+            f"another folder with --runs-dir (runs folder: {runs_dir})")
+
+
+def run_cli(plan: RunPlan, argv: Sequence[str]) -> int:
+    """`run(plan)` with the clean stops of the command line: Ctrl-C ends with one line and the
+    command that resumes (exit code 130); a runs folder that cannot be written ends with one
+    line naming it (exit code 1). Finished stages and notebooks stay as they are."""
+    # nbclient's tasks cancelled by Ctrl-C report "Task exception was never retrieved" at exit.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    try:
+        return run(plan)
+    except KeyboardInterrupt:
+        _say(f"interrupted; finished stages are kept in {plan.run_root}. Resume with: "
+             f"{resume_command(argv, plan.run_id)}")
+        return 130
+    except OSError as exc:
+        message = unwritable_folder(exc, plan.runs_dir)
+        if message is None:
+            raise
+        _say(message)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         print(f"error: repeated seed in {args.seeds}", file=sys.stderr)
         return 2
-    if not args.quiet:
+    if args.verbose:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(_PapermillChatter())
@@ -339,11 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    run_id=args.run_id or default_run_id(args.preset),
                    runs_dir=Path(args.runs_dir).resolve(), overrides=list(args.overrides),
                    nproc=args.nproc, baseline=args.baseline,
-                   kernel_name=args.kernel or choose_kernel(), log_output=not args.quiet,
+                   kernel_name=args.kernel or choose_kernel(), log_output=args.verbose,
                    keep_going=args.keep_going,
                    report_notebook=None if args.no_report else REPORT_NOTEBOOK)
     try:
-        return run(plan)
+        return run_cli(plan, sys.argv[1:] if argv is None else argv)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ half-written ever looks complete; `stage_done` markers drive resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,19 +20,40 @@ from pathlib import Path
 from typing import Any
 
 from parlm import dist
+from parlm.config import Config, ConfigError
 
+# The trained (EMA) weights the train stage leaves and the quant stage starts from.
+CHECKPOINT_NAME = "final_model.pt"
 # The result file each pipeline stage writes last (DESIGN.md run-folder contract).
 STAGE_RESULT_FILES = {"train": "train.json", "quant": "quant.json", "eval": "eval.json",
                       "ppm": "ppm.json"}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling and an atomic rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary sibling of `path` to write; renamed onto `path` when the block ends
+    normally, removed on any error (a full disk, an interrupt), so `path` is either its old
+    content or the complete new one and no temporary file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_default(obj: Any):
@@ -83,6 +105,47 @@ def mark_stage_done(run_dir: str | os.PathLike, stage: str) -> None:
 
 def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
     return stage_marker(run_dir, stage).exists()
+
+
+def seed_dirs(run_root: str | os.PathLike) -> list[Path]:
+    """The `seed_<n>` folders of a run, sorted by seed number."""
+    root = Path(run_root)
+    found = [p for p in root.glob("seed_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def config_differences(saved: Config, asked: Config) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, asked value)} for every field where the two configs differ."""
+    return {key: (value, getattr(asked, key)) for key, value in saved.to_dict().items()
+            if getattr(asked, key) != value}
+
+
+def mismatch_error(path: Path, differences: dict[str, tuple[Any, Any]]) -> ConfigError:
+    """The one-line error for a run folder whose saved config differs from the asked one."""
+    lines = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (asked)" for k, (a, b) in differences.items())
+    return ConfigError(f"{path} already holds a different config ({lines}); use a new run id or "
+                       f"delete the folder to start over")
+
+
+def record_config(config: Config, run_dir: str | os.PathLike) -> Config:
+    """Write `config` as the run folder's `config.yaml` when there is none; when there is one it
+    must be the same config (ConfigError naming the differing keys otherwise). A stage called
+    directly on a folder records what it ran with this way; `parlm.pipeline.prepare_run` is the
+    runner's fuller check (it also allows the changes a resume may make)."""
+    path = Path(run_dir) / "config.yaml"
+    if path.exists():
+        differences = config_differences(Config.load(path), config)
+        if differences:
+            raise mismatch_error(path, differences)
+        return config
+    save_config(config, path)
+    return config
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write a resolved config as YAML atomically (`Config.save` through a temporary file)."""
+    with atomic_path(path) as tmp:
+        config.save(tmp)
 
 
 def environment_info() -> dict[str, Any]:

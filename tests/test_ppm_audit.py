@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from parlm.ppm import TokenByteLayout, legacy_mixture
-from parlm.ppm.audit import audit_legacy, candidates, spread_logprobs
+from parlm.ppm.audit import candidates, spread_logprobs
+from parlm.ppm.reference_mixture import audit_legacy
 from parlm.ppm.ppmd import ppmd_score
 from test_ppm_legacy import random_stream, random_vocab
 

@@ -232,7 +232,8 @@ def test_a_notebook_that_forgets_its_stage_marker_fails_the_seed(stand_in_plan, 
     plan.seeds, plan.report_notebook = [1], None
     plan.seed_notebooks = (("01_a", "quant"),)  # 01_a never marks "quant"
     assert run.run(plan) == 1
-    assert "stage 'quant' has no marker" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stage 'quant' has no marker" in err and "parlm.pipeline.stage" in err
 
 
 def test_choose_kernel_returns_a_registered_kernel():
@@ -240,15 +241,3 @@ def test_choose_kernel_returns_a_registered_kernel():
 
     assert run.choose_kernel() in KernelSpecManager().find_kernel_specs()
     assert sys.executable  # the fallback kernel is the environment's own python3
-
-
-def test_a_stage_run_directly_by_its_notebook_is_adopted(stand_in_plan, capsys):
-    # 02_b writes ppm.json (as a notebook calling ppm_run directly does) but marks only quant/eval.
-    plan = stand_in_plan
-    plan.seeds, plan.report_notebook = [1], None
-    write_notebook(plan.notebook_dir / "02_b.ipynb", PARAMETERS,
-                   STAGE_B.replace('("quant", "eval", "ppm")', '("quant", "eval")'))
-    assert run.run(plan) == 0
-    assert "stage 'ppm' marked done: 02_b.ipynb wrote ppm.json" in capsys.readouterr().err
-    assert runlog.stage_done(plan.seed_dir(1), "ppm")
-    assert (plan.seed_dir(1) / "summary.json").exists()

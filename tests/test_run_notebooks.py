@@ -13,7 +13,8 @@ import pytest
 from parlm import run
 
 STANDARD = {"preset": "demo", "seed": 42, "overrides": []}
-NEEDS_NPROC = ("03_train", "05_ttt_eval")  # the stages that run under torchrun
+# The notebooks whose stage, or a stage before it, runs under torchrun.
+NEEDS_NPROC = ("03_train", "04_quantize", "05_ttt_eval", "06_ppm_mixture")
 
 
 def _load(stem: str):
@@ -39,7 +40,8 @@ def test_seed_notebook_parameters(stem):
     values = _parameters(_load(stem))
     for key, default in STANDARD.items():
         assert values.get(key) == default, f"{stem}: parameter {key} should default to {default!r}"
-    assert values.get("run_dir") == "../runs/notebooks/seed_42"
+    # Relative to the checkout (pipeline.project_path), whatever folder the notebook runs from.
+    assert values.get("run_dir") == "runs/notebooks/seed_42"
     if stem in NEEDS_NPROC:
         assert values.get("nproc") == 1, f"{stem}: needs an `nproc = 1` parameter for --nproc"
 
@@ -56,3 +58,18 @@ def test_notebook_is_committed_without_outputs(stem):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{stem} cell {index} has outputs"
     assert notebook.cells[0].cell_type == "markdown", f"{stem}: starts with a title cell"
+
+
+STAGE_CALL = "pipeline.stage(preset, run_dir, seed,"
+
+
+@pytest.mark.parametrize("stem,stage", [(stem, stage) for stem, stage in run.SEED_NOTEBOOKS if stage])
+def test_every_stage_notebook_starts_its_stage_with_the_one_call(stem, stage):
+    """One `pipeline.stage(...)` call per stage notebook, naming its own stage; no other way of
+    starting a stage (ensure, run_stage, a stage function) appears in the notebook."""
+    code = "\n".join(c.source for c in _load(stem).cells if c.cell_type == "code")
+    assert code.count(STAGE_CALL) == 1, f"{stem}: expected one {STAGE_CALL}...) call"
+    call = code[code.index(STAGE_CALL):].split(")")[0]
+    assert f'"{stage}"' in call, f"{stem}: the call should name stage {stage!r}: {call})"
+    for other in ("ensure(", "run_stage(", "train_stage(", "ppm_run(", "quantize_run(", "evaluate_run("):
+        assert other not in code, f"{stem} starts a stage another way: {other}"

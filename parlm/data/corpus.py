@@ -523,3 +523,9 @@ def _manifest_from_shards(dataset_dir: Path, tokenizer_path: Path) -> dict:
                          "tokens": sum(read_header(f).num_tokens for f in files)}
     return {"name": dataset_dir.name, "tokenizer": str(tokenizer_path), "splits": splits,
             "tokenizer_sha256": file_sha256(tokenizer_path)}
+
+
+def data_stage(config, run_dir) -> None:
+    """The pipeline's "data" stage: `ensure_dataset(config)`. The dataset lives under
+    config.data_dir, shared by every run folder, so `run_dir` receives nothing."""
+    ensure_dataset(config)

@@ -1,5 +1,7 @@
 """`python -m parlm.eval`: see `parlm.eval.stage.main`."""
+import sys
+
 from parlm.eval.stage import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,10 +18,15 @@ import numpy as np
 import torch
 
 from parlm import dist
-from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME, ArtifactError, verify_artifact
-from parlm.config import Config, ConfigError, compile_enabled
-from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, eval_val,
-                   eval_val_sliding, plain_batch_plan, synchronize)
+from parlm.cli import stage_command
+from parlm.config import Config, compile_enabled
+from parlm.data.shards import load_validation_tokens
+from parlm.data.tokenizer import ByteTables
+from parlm.dist import autocast_context, synchronize
+from parlm.eval.scoring import WindowScorer, eval_val_sliding
+from parlm.eval.ttt import eval_val_ttt, reduce_to_main
+from parlm.model.validation import EvalResult, eval_val, plain_batch_plan
+from parlm.quant.artifact import ARTIFACT_NAME, OVER_CAP_NAME, ArtifactError, load_quantized_model, verify_artifact
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
 
 
@@ -81,27 +86,97 @@ def add_sliding_to_chunks(chunks: list[dict], sliding_nll: np.ndarray, val_token
         chunk["sliding_bpb"] = nll_sum / (math.log(2) * nbytes) if nbytes else float("nan")
 
 
+def artifact_path(config: Config, run_dir: Path) -> Path:
+    """The run folder's artifact; FileNotFoundError saying what to do when it is missing (or
+    only the over-cap copy exists, which is no valid submission)."""
+    artifact = run_dir / ARTIFACT_NAME
+    if artifact.exists():
+        return artifact
+    if (run_dir / OVER_CAP_NAME).exists():
+        raise FileNotFoundError(
+            f"{run_dir} holds only {OVER_CAP_NAME}: its bytes_total exceeds "
+            f"artifact_cap_bytes={config.artifact_cap_bytes} (see quant.json), so it is no valid "
+            f"submission; for an experiment, re-quantize with a larger artifact_cap_bytes")
+    raise FileNotFoundError(f"{artifact} not found; quantize first with "
+                            f"`python -m parlm.quant --run-dir {run_dir}`")
+
+
+class EvalRecord:
+    """eval.json under construction: each scored phase adds `<name>_loss/_bpb/_seconds`, a log
+    line and a metrics record; compile seconds are kept per phase."""
+
+    def __init__(self, logger: RunLogger, out: dict):
+        self.logger, self.out = logger, out
+        self.compile_by_stage: dict[str, float] = {}
+
+    def add(self, name: str, result: EvalResult, compile_seconds: float) -> None:
+        out = self.out
+        out[f"{name}_loss"], out[f"{name}_bpb"], out[f"{name}_seconds"] = result.loss, result.bpb, result.seconds
+        self.compile_by_stage[name] = compile_seconds
+        self.logger.log(f"{name} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} "
+                        f"eval_time:{1000 * result.seconds:.0f}ms compile:{compile_seconds:.1f}s")
+        self.logger.metric("eval", name=name, loss=result.loss, bpb=result.bpb, seconds=result.seconds,
+                           compile_seconds=compile_seconds, tokens=result.tokens, bytes=result.bytes)
+
+
+def score_sliding(config: Config, model, val_tokens, byte_tables, ctx, record: EvalRecord):
+    """Sliding-window BPB (SPEC 5.2) into `record`; returns (per-position NLLs on rank 0, the
+    compiled WindowScorer for TTT to reuse)."""
+    total = val_tokens.numel() - 1
+    # Per-position sliding NLLs: per-chunk comparison with TTT, and the NLL dump without TTT.
+    buffer = torch.zeros(total + 1, dtype=torch.float32, device=ctx.device)
+    scorer = WindowScorer(config, model, val_tokens, byte_tables, ctx.device)
+    t0 = time.perf_counter()
+    model.eval()
+    scorer.warmup()
+    compile_seconds = time.perf_counter() - t0
+    record.add("sliding", eval_val_sliding(config, model, val_tokens, byte_tables, ctx, scorer=scorer,
+                                           nll_out=buffer, show_progress=True), compile_seconds)
+    return reduce_to_main(buffer, ctx), scorer
+
+
+def score_ttt(config: Config, model, val_tokens, byte_tables, ctx, record: EvalRecord, scorer,
+              sliding_nll, run_dir: Path) -> None:
+    """Score-first TTT (SPEC 5.3, with the valid mixture when `mixture_enabled`) into `record`,
+    its per-chunk numbers (with the sliding score of the same positions) and nll.npz."""
+    total, out, logger = val_tokens.numel() - 1, record.out, record.logger
+    mixture = None
+    if config.mixture_enabled:
+        # Imported here: the generated submission script does not carry the mixture module.
+        from parlm.eval.token_mixture import TokenNgramMixture
+
+        mixture = TokenNgramMixture(config, val_tokens, config.vocab_size, ctx.device)
+    ttt = eval_val_ttt(config, model, val_tokens, byte_tables, ctx, mixture=mixture,
+                       diagnostic_after=config.ttt_diagnostic_after, show_progress=True,
+                       scorer=scorer)
+    record.add("ttt", ttt.result, ttt.extra["compile_seconds"])
+    out["ttt_num_chunks"] = ttt.extra["num_chunks"]
+    out["ttt_diagnostic_after"] = bool(config.ttt_diagnostic_after)
+    out["ttt_diagnostic_seconds"] = ttt.extra["diagnostic_seconds"]
+    if mixture is not None:  # ttt_seconds includes the mixture; the neural part alone:
+        out["ttt_mixture_seconds"] = ttt.extra["mixture_seconds"]
+        out["ttt_neural_seconds"] = ttt.result.seconds - ttt.extra["mixture_seconds"]
+    if sliding_nll is not None and ctx.is_main:
+        add_sliding_to_chunks(ttt.chunks, sliding_nll[:total], val_tokens, byte_tables)
+    out["ttt_chunks"] = ttt.chunks
+    for chunk in ttt.chunks:
+        logger.metric("eval", name="ttt_chunk", **chunk)
+    if ttt.mix is not None:
+        out["mix_valid_loss"], out["mix_valid_bpb"] = ttt.mix.loss, ttt.mix.bpb
+        logger.log(f"mix_valid val_loss:{ttt.mix.loss:.8f} val_bpb:{ttt.mix.bpb:.8f}")
+        logger.metric("eval", name="mix_valid", loss=ttt.mix.loss, bpb=ttt.mix.bpb)
+    if ctx.is_main:
+        write_nll(run_dir / "nll.npz", val_tokens, ttt.nll, ttt.nll_mix, source="ttt")
+
+
 def evaluate_run(config: Config, run_dir) -> dict:
     """Evaluate a run folder's artifact: plain ("quantized", SPEC 5.1), sliding window
     (SPEC 5.2) and score-first TTT (SPEC 5.3) on the artifact weights, plus the valid mixture when
     `mixture_enabled`. Writes eval.json (BPB, loss, seconds per stage with compile time
     separate, per-chunk TTT numbers), nll.npz (rank 0) and metrics.jsonl records with stage
     "eval". Runs in one process or under torchrun; returns the eval.json dict."""
-    from parlm.data.shards import load_validation_tokens
-    from parlm.data.tokenizer import ByteTables
-    from parlm.quant.stage import load_quantized_model
-    from parlm.eval.ttt import eval_val_ttt, reduce_to_main
-
     run_dir = Path(run_dir)
-    artifact = run_dir / ARTIFACT_NAME
-    if not artifact.exists():
-        if (run_dir / OVER_CAP_NAME).exists():
-            raise FileNotFoundError(
-                f"{run_dir} holds only {OVER_CAP_NAME}: its bytes_total exceeds "
-                f"artifact_cap_bytes={config.artifact_cap_bytes} (see quant.json), so it is no valid "
-                f"submission; for an experiment, re-quantize with a larger artifact_cap_bytes")
-        raise FileNotFoundError(f"{artifact} not found; quantize first with "
-                                f"`python -m parlm.quant --run-dir {run_dir}`")
+    artifact = artifact_path(config, run_dir)
     verify_artifact(run_dir)  # the bytes quant.json recorded, else ArtifactError with the fix
     ctx = dist.init_distributed(config.device)
     device = ctx.device
@@ -114,73 +189,29 @@ def evaluate_run(config: Config, run_dir) -> dict:
     byte_tables = ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size)
     val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
     total = val_tokens.numel() - 1
-    out: dict = {"world_size": ctx.world_size, "device": str(device), "tokens": total,
-                 "bytes": int(byte_tables.stream_bytes(val_tokens[:total + 1].numpy()))}
-    compile_by_stage: dict[str, float] = {}
-
-    def record(name: str, result: EvalResult, compile_seconds: float) -> None:
-        out[f"{name}_loss"], out[f"{name}_bpb"], out[f"{name}_seconds"] = result.loss, result.bpb, result.seconds
-        compile_by_stage[name] = compile_seconds
-        logger.log(f"{name} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} "
-                   f"eval_time:{1000 * result.seconds:.0f}ms compile:{compile_seconds:.1f}s")
-        logger.metric("eval", name=name, loss=result.loss, bpb=result.bpb, seconds=result.seconds,
-                      compile_seconds=compile_seconds, tokens=result.tokens, bytes=result.bytes)
+    record = EvalRecord(logger, {"world_size": ctx.world_size, "device": str(device), "tokens": total,
+                                 "bytes": int(byte_tables.stream_bytes(val_tokens[:total + 1].numpy()))})
+    out = record.out
 
     t0 = time.perf_counter()
     model = load_quantized_model(config, artifact, device)
     out["load_seconds"] = time.perf_counter() - t0
     plain_model, compile_seconds = compile_plain_model(config, model, total, ctx)
-    record("quantized", eval_val(config, plain_model, val_tokens, byte_tables, ctx), compile_seconds)
+    record.add("quantized", eval_val(config, plain_model, val_tokens, byte_tables, ctx), compile_seconds)
     del plain_model
     reset_compiler(config, device)
 
     sliding_nll, scorer = None, None
     if config.sliding_window_enabled:
-        # Per-position sliding NLLs: per-chunk comparison with TTT, and the NLL dump without TTT.
-        buffer = torch.zeros(total + 1, dtype=torch.float32, device=device)
-        scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
-        t0 = time.perf_counter()
-        model.eval()
-        scorer.warmup()
-        compile_seconds = time.perf_counter() - t0
-        record("sliding", eval_val_sliding(config, model, val_tokens, byte_tables, ctx, scorer=scorer,
-                                           nll_out=buffer, show_progress=True), compile_seconds)
-        sliding_nll = reduce_to_main(buffer, ctx)
-        del buffer
-
+        sliding_nll, scorer = score_sliding(config, model, val_tokens, byte_tables, ctx, record)
     if config.ttt_enabled:
-        mixture = None
-        if config.mixture_enabled:
-            from parlm.eval.token_mixture import TokenNgramMixture
-
-            mixture = TokenNgramMixture(config, val_tokens, config.vocab_size, device)
-        ttt = eval_val_ttt(config, model, val_tokens, byte_tables, ctx, mixture=mixture,
-                           diagnostic_after=config.ttt_diagnostic_after, show_progress=True,
-                           scorer=scorer)
-        record("ttt", ttt.result, ttt.extra["compile_seconds"])
-        out["ttt_num_chunks"] = ttt.extra["num_chunks"]
-        out["ttt_diagnostic_after"] = bool(config.ttt_diagnostic_after)
-        out["ttt_diagnostic_seconds"] = ttt.extra["diagnostic_seconds"]
-        if mixture is not None:  # ttt_seconds includes the mixture; the neural part alone:
-            out["ttt_mixture_seconds"] = ttt.extra["mixture_seconds"]
-            out["ttt_neural_seconds"] = ttt.result.seconds - ttt.extra["mixture_seconds"]
-        if sliding_nll is not None and ctx.is_main:
-            add_sliding_to_chunks(ttt.chunks, sliding_nll[:total], val_tokens, byte_tables)
-        out["ttt_chunks"] = ttt.chunks
-        for chunk in ttt.chunks:
-            logger.metric("eval", name="ttt_chunk", **chunk)
-        if ttt.mix is not None:
-            out["mix_valid_loss"], out["mix_valid_bpb"] = ttt.mix.loss, ttt.mix.bpb
-            logger.log(f"mix_valid val_loss:{ttt.mix.loss:.8f} val_bpb:{ttt.mix.bpb:.8f}")
-            logger.metric("eval", name="mix_valid", loss=ttt.mix.loss, bpb=ttt.mix.bpb)
-        if ctx.is_main:
-            write_nll(run_dir / "nll.npz", val_tokens, ttt.nll, ttt.nll_mix, source="ttt")
+        score_ttt(config, model, val_tokens, byte_tables, ctx, record, scorer, sliding_nll, run_dir)
         reset_compiler(config, device)
     elif sliding_nll is not None and ctx.is_main:
         write_nll(run_dir / "nll.npz", val_tokens, sliding_nll[:total], None, source="sliding")
 
-    out["compile_seconds"] = sum(compile_by_stage.values())
-    out["compile_seconds_by_stage"] = compile_by_stage
+    out["compile_seconds"] = sum(record.compile_by_stage.values())
+    out["compile_seconds_by_stage"] = record.compile_by_stage
     if device.type == "cuda":
         out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if ctx.is_main:
@@ -189,22 +220,11 @@ def evaluate_run(config: Config, run_dir) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from parlm.config import add_config_arguments, config_from_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m parlm.eval",
-        description="Evaluate a run folder's quantized artifact: plain, sliding-window and "
-                    "score-first TTT BPB; writes eval.json and nll.npz (also under torchrun).")
-    parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and the artifact")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        evaluate_run(config_from_arguments(args, args.run_dir), args.run_dir)
-    except (ArtifactError, ConfigError, FileNotFoundError) as error:
-        raise SystemExit(f"parlm.eval: error: {error}") from None  # one line, exit code 1
-    finally:
-        dist.cleanup()
-
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parlm.eval --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    return stage_command(
+        "python -m parlm.eval",
+        "Evaluate a run folder's quantized artifact: plain, sliding-window and score-first TTT "
+        "BPB; writes eval.json and nll.npz (also under torchrun).",
+        evaluate_run, argv, run_dir_help="run folder holding config.yaml and the artifact",
+        user_errors=(ArtifactError,))

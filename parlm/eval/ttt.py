@@ -28,8 +28,9 @@ import torch.distributed as torch_dist
 
 from parlm import dist
 from parlm.config import Config, compile_enabled
-from parlm.eval.scoring import (EvalResult, WindowScorer, autocast_context, loss_and_bpb,
-                   plan_ttt_chunks, synchronize)
+from parlm.dist import autocast_context, synchronize
+from parlm.eval.scoring import WindowScorer, plan_ttt_chunks
+from parlm.model.validation import EvalResult, loss_and_bpb
 
 
 @dataclass
@@ -171,17 +172,7 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
     bounds = plan_ttt_chunks(total, seq_len, stride, chunk_tokens)
     num_chunks = len(bounds) - 1
     trainer = TTTTrainer(config, model, ctx)
-    compile_seconds = 0.0
-    if warmup:
-        t0 = time.perf_counter()
-        model.eval()
-        scorer.warmup()
-        sizes = {(end - start) // seq_len
-                 for ci in range(num_chunks - 1) if config.ttt_epochs > 0
-                 for start, end in training_minibatches(
-                     config, ci * chunk_tokens, min((ci + 1) * chunk_tokens, total), ctx.rank, ctx.world_size)}
-        trainer.warmup({s for s in sizes if s > 0})
-        compile_seconds = time.perf_counter() - t0
+    compile_seconds = _warm_up(config, model, scorer, trainer, num_chunks, total, ctx) if warmup else 0.0
 
     width = 4 if mixture is not None else 3
     chunk_sums = torch.zeros(num_chunks, width, dtype=torch.float64, device=device)
@@ -210,21 +201,10 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
                 progress.update(1)
             continue
         lrs[ci] = chunk_learning_rate(config, ci, num_chunks)
-        ranges = training_minibatches(config, chunk_start, chunk_end, ctx.rank, ctx.world_size)
-        steps = max(len(training_minibatches(config, chunk_start, chunk_end, r, ctx.world_size))
-                    for r in range(ctx.world_size))  # same synchronous step count on every rank
-        model.train()
-        for _ in range(config.ttt_epochs):
-            for index in range(steps):
-                start, stop = ranges[index] if index < len(ranges) else (chunk_start, chunk_start)
-                trainer.step(tokens, start, stop, lrs[ci], on_train=on_train)
+        _train_on_chunk(config, model, trainer, tokens, chunk_start, chunk_end, lrs[ci], ctx, on_train)
         if after_sums is not None:  # diagnostic only: re-scores the chunk, never enters the score
-            synchronize(device)
-            diagnostic_start = time.perf_counter()
-            model.eval()
-            scorer.score(int(bounds[ci]) + first, int(bounds[ci]) + end, after_sums[ci])
-            synchronize(device)
-            diagnostic_seconds += time.perf_counter() - diagnostic_start
+            diagnostic_seconds += _rescore(model, scorer, int(bounds[ci]) + first,
+                                           int(bounds[ci]) + end, after_sums[ci], device)
         if progress is not None:
             progress.update(1)
     dist.all_reduce_sum(chunk_sums)
@@ -238,13 +218,63 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
         p.requires_grad_(True)
     model.eval()
 
+    chunks = chunk_records(chunk_sums.tolist(), after_sums.tolist() if after_sums is not None else None,
+                           lrs, chunk_tokens, total)
+    extra = {"compile_seconds": compile_seconds, "num_chunks": num_chunks,
+             "diagnostic_seconds": diagnostic_seconds,
+             "mixture_seconds": scorer.mixture_seconds - mixture_seconds_before}
+    return _ttt_result(chunk_sums, chunks, nll_out, mix_out, seconds, total, ctx, extra)
+
+
+def _warm_up(config: Config, model, scorer: WindowScorer, trainer: TTTTrainer, num_chunks: int,
+             total: int, ctx) -> float:
+    """Compile the scorer and the trainer on dummy batches of every shape the TTT loop will
+    use; returns the seconds spent (reported apart from the scoring time)."""
+    t0 = time.perf_counter()
+    model.eval()
+    scorer.warmup()
+    chunk_tokens = config.ttt_chunk_tokens
+    sizes = {(end - start) // config.eval_seq_len
+             for ci in range(num_chunks - 1) if config.ttt_epochs > 0
+             for start, end in training_minibatches(
+                 config, ci * chunk_tokens, min((ci + 1) * chunk_tokens, total), ctx.rank, ctx.world_size)}
+    trainer.warmup({s for s in sizes if s > 0})
+    return time.perf_counter() - t0
+
+
+def _train_on_chunk(config: Config, model, trainer: TTTTrainer, tokens: torch.Tensor, chunk_start: int,
+                    chunk_end: int, lr: float, ctx, on_train: Callable | None) -> None:
+    """`ttt_epochs` passes of SGD over this rank's minibatches of the already scored chunk; every
+    rank takes the same number of synchronous steps (an empty range where it has fewer)."""
+    ranges = training_minibatches(config, chunk_start, chunk_end, ctx.rank, ctx.world_size)
+    steps = max(len(training_minibatches(config, chunk_start, chunk_end, r, ctx.world_size))
+                for r in range(ctx.world_size))  # same synchronous step count on every rank
+    model.train()
+    for _ in range(config.ttt_epochs):
+        for index in range(steps):
+            start, stop = ranges[index] if index < len(ranges) else (chunk_start, chunk_start)
+            trainer.step(tokens, start, stop, lr, on_train=on_train)
+
+
+def _rescore(model, scorer: WindowScorer, first: int, end: int, sums: torch.Tensor, device) -> float:
+    """Score windows [first, end) again into `sums` (the after-update diagnostic); its seconds."""
+    synchronize(device)
+    start = time.perf_counter()
+    model.eval()
+    scorer.score(first, end, sums)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _ttt_result(chunk_sums: torch.Tensor, chunks: list[dict], nll_out: torch.Tensor,
+                mix_out: torch.Tensor | None, seconds: float, total: int, ctx, extra: dict) -> TTTResult:
+    """The TTTResult from the all-reduced per-chunk sums (nll, tokens, bytes[, mixed nll]) and
+    the per-position buffers (reduced to rank 0)."""
     totals = chunk_sums.sum(0).tolist()
     loss, bpb = loss_and_bpb(totals[0], totals[1], totals[2])
     result = EvalResult(loss=loss, bpb=bpb, tokens=totals[1], bytes=totals[2], seconds=seconds)
-    chunks = chunk_records(chunk_sums.tolist(), after_sums.tolist() if after_sums is not None else None,
-                           lrs, chunk_tokens, total)
     mix = None
-    if mixture is not None:
+    if mix_out is not None:
         mix_loss, mix_bpb = loss_and_bpb(totals[3], totals[1], totals[2])
         mix = EvalResult(loss=mix_loss, bpb=mix_bpb, tokens=totals[1], bytes=totals[2], seconds=seconds)
     nll = reduce_to_main(nll_out, ctx)
@@ -252,9 +282,7 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
     return TTTResult(result=result, chunks=chunks,
                      nll=None if nll is None else nll[:total].astype(np.float64),
                      nll_mix=None if nll_mix is None else nll_mix[:total].astype(np.float64),
-                     mix=mix, extra={"compile_seconds": compile_seconds, "num_chunks": num_chunks,
-                                     "diagnostic_seconds": diagnostic_seconds,
-                                     "mixture_seconds": scorer.mixture_seconds - mixture_seconds_before})
+                     mix=mix, extra=extra)
 
 
 def reduce_to_main(buffer: torch.Tensor, ctx) -> np.ndarray | None:

@@ -12,10 +12,10 @@ from parlm.ppm.jit_cache import refresh_numba_cache
 
 refresh_numba_cache()  # before any cached kernel loads (see jit_cache)
 
-from parlm.ppm.audit import AuditResult, audit_legacy  # noqa: E402
+from parlm.ppm.audit import AuditResult  # noqa: E402
 from parlm.ppm.bytestream import TokenByteLayout  # noqa: E402
 from parlm.ppm.diagnostics import void_fraction  # noqa: E402
-from parlm.ppm.reference_mixture import NOT_NORMALIZED_NOTE, LegacyResult, legacy_mixture  # noqa: E402
+from parlm.ppm.reference_mixture import NOT_NORMALIZED_NOTE, LegacyResult, audit_legacy, legacy_mixture  # noqa: E402
 from parlm.ppm.ppmd import PPMDResult, ppmd_score  # noqa: E402
 
 

@@ -81,7 +81,7 @@ def score(args) -> dict:
 
 
 def audit(args) -> dict:
-    from parlm.ppm.audit import audit_legacy
+    from parlm.ppm.reference_mixture import audit_legacy
 
     dump = load_nll(args.npz)
     layout = _layout(args.tokenizer, args.vocab_size)

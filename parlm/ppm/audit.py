@@ -276,22 +276,3 @@ class PositionAuditor:
         return AuditResult(positions=self.positions, zero_byte_candidates=self.zero_byte,
                            neural="model" if self.token_logprobs is not None else "spread",
                            **self.values)
-
-
-def audit_legacy(target, prev, nll, layout: TokenByteLayout, positions, *, token_logprobs=None,
-                 order: int = 5, lambda_hi: float = 0.9, lambda_lo: float = 0.05,
-                 conf_threshold: float = 0.9, anti_hijack_nats: float = 0.277) -> AuditResult:
-    """Audit the legacy mixture at sorted scored `positions` (module docstring).
-
-    `token_logprobs[s, :]` is log q over the vocabulary at positions[s] (e.g. a model's
-    log-softmax); None uses the NLL-consistent "spread" stand-in. Runs the legacy scorer up to
-    the last position, pausing at each one."""
-    from parlm.ppm.reference_mixture import legacy_mixture
-
-    positions = np.asarray(positions, dtype=np.int64)
-    end = int(positions[-1]) + 1 if len(positions) else 0
-    result = legacy_mixture(np.asarray(target)[:end], np.asarray(prev)[:end], np.asarray(nll)[:end],
-                            layout, order=order, lambda_hi=lambda_hi, lambda_lo=lambda_lo,
-                            conf_threshold=conf_threshold, anti_hijack_nats=anti_hijack_nats,
-                            trace_max=0, audit_positions=positions, audit_logprobs=token_logprobs)
-    return result.audit

@@ -32,6 +32,7 @@ import numpy as np
 
 from parlm.ppm.byte_model import apply_update_unjournaled as apply_update
 from parlm.ppm.byte_model import insert_successors, legacy_logp, shift_window
+from parlm.ppm.audit import AuditResult, PositionAuditor
 from parlm.ppm.bytestream import TokenByteLayout
 from parlm.ppm.counts import CAPACITY, DENSE_MAX_LENGTH, MAX_ORDER, USED, CountTable, context_rows, prefetch_successors
 
@@ -118,7 +119,7 @@ def _legacy_kernel(target, prev, nll, offsets, data, has_space_table, boundary_t
     nn_nll = sums[2]
     # Look-ahead cursor: prefetches the hashed rows byte t + PREFETCH_DISTANCE will probe, so
     # their cache misses overlap with the work on byte t. It changes speed only, never results.
-    # (Written out inline twice: a shared tuple-returning helper measured ~20% slower.)
+    # (Written out inline twice: a shared tuple-returning helper is slower in numba.)
     ahead_i = start
     ahead_j = 0
     ahead_lo, ahead_n, ahead_space = 0, 0, 0
@@ -365,8 +366,6 @@ def legacy_mixture(target, prev, nll, layout: TokenByteLayout, *, order: int = 5
         bar = tqdm(total=len(target), desc="ppm legacy", unit="tok", unit_scale=True)
     auditor = None
     if audit_positions is not None:
-        from parlm.ppm.audit import PositionAuditor
-
         auditor = PositionAuditor(layout, target, prev, nll, audit_positions, audit_logprobs,
                                   order=order, lambda_hi=float(lambda_hi), lambda_lo=float(lambda_lo),
                                   conf_threshold=float(conf_threshold),
@@ -423,3 +422,19 @@ def legacy_mixture(target, prev, nll, layout: TokenByteLayout, *, order: int = 5
         trace=trace, trace_stride=trace_stride, table_rows=table.rows_used,
         table_bytes=table.nbytes(), audit=auditor.result() if auditor is not None else None)
 
+
+def audit_legacy(target, prev, nll, layout: TokenByteLayout, positions, *, token_logprobs=None,
+                 order: int = 5, lambda_hi: float = 0.9, lambda_lo: float = 0.05,
+                 conf_threshold: float = 0.9, anti_hijack_nats: float = 0.277) -> AuditResult:
+    """Audit the legacy mixture at sorted scored `positions` (module docstring).
+
+    `token_logprobs[s, :]` is log q over the vocabulary at positions[s] (e.g. a model's
+    log-softmax); None uses the NLL-consistent "spread" stand-in. Runs the legacy scorer up to
+    the last position, pausing at each one."""
+    positions = np.asarray(positions, dtype=np.int64)
+    end = int(positions[-1]) + 1 if len(positions) else 0
+    result = legacy_mixture(np.asarray(target)[:end], np.asarray(prev)[:end], np.asarray(nll)[:end],
+                            layout, order=order, lambda_hi=lambda_hi, lambda_lo=lambda_lo,
+                            conf_threshold=conf_threshold, anti_hijack_nats=anti_hijack_nats,
+                            trace_max=0, audit_positions=positions, audit_logprobs=token_logprobs)
+    return result.audit

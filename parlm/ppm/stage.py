@@ -56,7 +56,7 @@ def model_logprobs(config, run_dir, positions: np.ndarray, device="cpu") -> np.n
     import torch
 
     from parlm.data.shards import load_validation_tokens
-    from parlm.eval.scoring import autocast_context
+    from parlm.dist import autocast_context
     from parlm.quant.stage import load_quantized_model
 
     device = torch.device(device)

@@ -1,5 +1,7 @@
 """`python -m parlm.quant`: see `parlm.quant.stage.main`."""
+import sys
+
 from parlm.quant.stage import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "final_model.pt"  # the trained (EMA) weights the artifact is made from
+from parlm.runlog import CHECKPOINT_NAME  # noqa: F401 (the trained weights the artifact is made from)
+
 ARTIFACT_NAME = "final_model.int6.ptz"
 OVER_CAP_NAME = "final_model.int6.OVER_CAP.ptz"  # an artifact over the cap: never mistaken for valid
 MAGIC = b"PGQ1"

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from parlm import dist
-from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, compress, load_checkpoint, load_quantized_model, pack  # noqa: F401 (re-export)
+from parlm.cli import stage_command
+from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, OVER_CAP_NAME, ArtifactError, compress, load_checkpoint, load_quantized_model, pack  # noqa: F401 (re-export)
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.gptq import EMBEDDING_NAME, collect_hessians, gptq_quantize_state, quantization_plan
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
@@ -40,11 +41,6 @@ class ArtifactTooLarge(RuntimeError):
             f"To go on with this model anyway, rerun with --set artifact_cap_bytes=<bytes> (the same "
             f"run id of parlm.run resumes without training again; the report still checks the "
             f"{ARTIFACT_CAP_BYTES:,}-byte limit)")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def calibration_batches(config, device: torch.device, world_size: int):
@@ -111,11 +107,59 @@ def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[s
 def generated_code_bytes(run_dir: Path) -> tuple[int, str]:
     """Build the submission script from the installed package, write it to
     `<run_dir>/submission_train_gpt.py` and return (its size in bytes, its sha256)."""
+    # Imported here: the generated script itself does not carry its generator. The builder
+    # reads package sources and imports no stage, so it ranks below the stages
+    # (docs/architecture.md).
     from parlm.submission.build import build_submission_script, write_generated_file
 
     script = build_submission_script()
     write_generated_file(run_dir / CODE_NAME, script)
     return len(script), hashlib.sha256(script).hexdigest()
+
+
+def load_trained_model(config, checkpoint: Path, device: torch.device):
+    """(state dict of `checkpoint` on CPU, the model built from it on `device` in eval mode with
+    looping on, as the artifact will be scored)."""
+    from parlm.model.gpt import build_model
+
+    state_dict = load_checkpoint(checkpoint)  # ArtifactError naming the file when damaged
+    model = build_model(config, device)
+    model.load_state_dict(state_dict, strict=True)
+    model.looping_active = True
+    model.eval()
+    return state_dict, model
+
+
+def calibration_hessians(config, model, state_dict: dict[str, torch.Tensor], device: torch.device,
+                         world_size: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(the GPTQ Hessians H = X^T X of every tensor above the passthrough size, from the
+    calibration batches, and the number of input rows each saw, which AWQ-lite's activation
+    RMS needs); both empty when every tensor is small enough for fp16 passthrough."""
+    from tqdm.auto import tqdm
+
+    large = [name for name, tensor in state_dict.items()
+             if tensor.is_floating_point() and tensor.numel() > config.quant_passthrough_max_numel]
+    row_counts: dict[str, int] = {}
+    if not large:
+        return {}, row_counts
+    with tqdm(total=config.gptq_calibration_batches, desc="hessians", leave=False) as bar:
+        hessians = collect_hessians(model, calibration_batches(config, device, world_size),
+                                    config.quant_passthrough_max_numel, progress=bar,
+                                    embedding=EMBEDDING_NAME in large, row_counts=row_counts)
+    return hessians, row_counts
+
+
+def write_artifact(run_dir: Path, blob: bytes, fits: bool) -> Path:
+    """Write the artifact atomically: as final_model.int6.ptz when it fits the cap (removing a
+    stale over-cap copy), else only as final_model.int6.OVER_CAP.ptz. Returns its path."""
+    path = run_dir / ARTIFACT_NAME
+    atomic_write_bytes(path, blob)
+    if not fits:
+        os.replace(path, run_dir / OVER_CAP_NAME)
+        return run_dir / OVER_CAP_NAME
+    if (run_dir / OVER_CAP_NAME).exists():
+        (run_dir / OVER_CAP_NAME).unlink()  # stale result of an earlier, larger attempt
+    return path
 
 
 def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: bool = True) -> dict:
@@ -140,27 +184,12 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     world_size = int(train_info.get("world_size", 1))
 
     started = time.perf_counter()
-    from parlm.model.gpt import build_model
-
-    state_dict = load_checkpoint(checkpoint)  # ArtifactError naming the file when damaged
-    model = build_model(config, device)
-    model.load_state_dict(state_dict, strict=True)
-    model.looping_active = True
-    model.eval()
+    state_dict, model = load_trained_model(config, checkpoint, device)
     setup_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    large = [name for name, tensor in state_dict.items()
-             if tensor.is_floating_point() and tensor.numel() > config.quant_passthrough_max_numel]
-    hessians, row_counts = {}, {}
-    if large:  # nothing to calibrate when every tensor is small enough for fp16 passthrough
-        with tqdm(total=config.gptq_calibration_batches, desc="hessians", leave=False) as bar:
-            hessians = collect_hessians(model, calibration_batches(config, device, world_size),
-                                        config.quant_passthrough_max_numel, progress=bar,
-                                        embedding=EMBEDDING_NAME in large, row_counts=row_counts)
-    _synchronize(device)
+    hessians, row_counts = calibration_hessians(config, model, state_dict, device, world_size)
+    dist.synchronize(device)
     hessian_seconds = time.perf_counter() - started
     del model
     distinct = len({id(h) for h in hessians.values()})
@@ -169,7 +198,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
 
     started = time.perf_counter()
     weights, methods = quantize_state(config, state_dict, hessians, device, row_counts)
-    _synchronize(device)
+    dist.synchronize(device)
     gptq_seconds = time.perf_counter() - started
     logger.log(f"quant: GPTQ of {sum(m.startswith('gptq') for m in methods.values())} tensors in {gptq_seconds:.1f}s")
 
@@ -185,13 +214,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     bytes_model = len(blob)
     bytes_total = bytes_model + code_bytes
     fits = bytes_total <= config.artifact_cap_bytes
-    path = run_dir / ARTIFACT_NAME
-    atomic_write_bytes(path, blob)
-    if not fits:
-        os.replace(path, run_dir / OVER_CAP_NAME)
-        path = run_dir / OVER_CAP_NAME
-    elif (run_dir / OVER_CAP_NAME).exists():
-        (run_dir / OVER_CAP_NAME).unlink()  # stale result of an earlier, larger attempt
+    path = write_artifact(run_dir, blob, fits)
 
     per_tensor = None
     if statistics:
@@ -218,17 +241,11 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from parlm.config import add_config_arguments, config_from_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m parlm.quant",
-        description="Quantize a training run folder: Hessians, GPTQ int6/int8, brotli artifact "
-                    "final_model.int6.ptz and quant.json (bytes_total against the cap).")
-    parser.add_argument("--run-dir", required=True, help="run folder holding config.yaml and final_model.pt")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    quantize_run(config_from_arguments(args, args.run_dir), args.run_dir)
-
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parlm.quant --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    return stage_command(
+        "python -m parlm.quant",
+        "Quantize a training run folder: Hessians, GPTQ int6/int8, brotli artifact "
+        "final_model.int6.ptz and quant.json (bytes_total against the cap).",
+        quantize_run, argv, run_dir_help="run folder holding config.yaml and final_model.pt",
+        user_errors=(ArtifactTooLarge, ArtifactError))

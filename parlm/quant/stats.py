@@ -2,9 +2,16 @@
 and Hessian-weighted), scale quantiles, code range, clipping and entropy."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from parlm.quant.artifact import dequantize_state
+from parlm import dist, runlog
+from parlm.data.shards import load_validation_tokens
+from parlm.data.tokenizer import ByteTables
+from parlm.model.gpt import build_model
+from parlm.model.validation import eval_val
+from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, dequantize_state, load_quantized_model
 
 
 @torch.no_grad()
@@ -50,15 +57,6 @@ def bpb_before_after(config, run_dir, reuse_prequant: bool = True) -> dict:
     {"prequant": bpb, "quantized": bpb, "rise": quantized - prequant, "prequant_source"}.
     With `reuse_prequant` the EMA number is train.json's `prequant_bpb` (the same eval_val of
     the same weights, run at the end of training) when present."""
-    from pathlib import Path
-
-    from parlm import dist, runlog
-    from parlm.data.shards import load_validation_tokens
-    from parlm.data.tokenizer import ByteTables
-    from parlm.eval.scoring import eval_val
-    from parlm.model.gpt import build_model
-    from parlm.quant.stage import ARTIFACT_NAME, CHECKPOINT_NAME, load_quantized_model
-
     run_dir = Path(run_dir)
     ctx = dist.init_distributed(config.device)
     val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from parlm.runlog import seed_dirs
+
 
 STAGE_LABELS = {"prequant_bpb": "pre-quant\n(EMA)", "quantized_bpb": "quantized",
                 "sliding_bpb": "sliding\nwindow", "ttt_bpb": "score-first\nTTT"}
@@ -240,8 +242,6 @@ def save_report_plots(run_root: str | Path, summaries: Sequence[dict[str, Any]],
                       baseline_label: str = "baseline") -> dict[str, str]:
     """Write the report figures into `out_dir` (bpb_by_stage, training_curves, gate_summary,
     and the first seed's gate_decision and gate_bpb_contribution); return {name: png path}."""
-    from parlm.report.summary import seed_dirs
-
     out_dir = Path(out_dir)
     paths = {
         "bpb_by_stage": save_figure(bpb_by_stage(summaries, baseline, baseline_label),

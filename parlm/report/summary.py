@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from parlm import runlog
+from parlm.runlog import seed_dirs
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.artifact import ArtifactError, artifact_fault, rebuild_fix, verify_artifact
 from parlm.report.stats import WelchResult, mean, sample_std, welch_interval, welch_t_test  # noqa: F401
@@ -79,6 +80,12 @@ def _seed_of(run_dir: Path) -> int | None:
     return int(name.split("_", 1)[1]) if name.startswith("seed_") and name[5:].isdigit() else None
 
 
+def summary_stage(config, run_dir) -> None:
+    """The pipeline's "summary" stage: `summarize_seed(run_dir)` (the stage files hold all it
+    reads, so the config is not needed)."""
+    summarize_seed(run_dir)
+
+
 def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """Assemble `summary.json` of one seed from its stage result files.
 
@@ -113,13 +120,6 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # Several seeds
-
-def seed_dirs(run_root: str | Path) -> list[Path]:
-    """The `seed_<n>` folders of a run, sorted by seed number."""
-    root = Path(run_root)
-    found = [p for p in root.glob("seed_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
 
 def load_run_summaries(run_root: str | Path) -> list[dict[str, Any]]:
     """One summary per finished seed of a run (summary.json, else assembled from stage files).

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from parlm import runlog
-from parlm.quant.artifact import CHECKPOINT_NAME
+from parlm.runlog import CHECKPOINT_NAME
 from parlm.config import Config, ConfigError
 
 TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)

@@ -17,26 +17,26 @@ step, val_loss, val_bpb), `final_model.pt` (the EMA weights as a state dict) and
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from parlm import dist, pipeline, runlog
-from parlm.quant.artifact import CHECKPOINT_NAME
-from parlm.config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
+from parlm import dist, runlog
+from parlm.runlog import CHECKPOINT_NAME
+from parlm.cli import stage_command
+from parlm.config import Config, compile_enabled
 from parlm.data.loader import ShuffledSequenceLoader, train_seq_len_at
 from parlm.data.shards import load_validation_tokens
 from parlm.data.tokenizer import ByteTables
-from parlm.eval.scoring import autocast_context, eval_val
+from parlm.dist import autocast_context
 from parlm.model.gpt import build_model
+from parlm.model.validation import eval_val
 from parlm.train.optim import Optimizers, lr_multiplier, muon_momentum, seq_change_warmup_scale
 from parlm.train.checks import check_inputs, clear_unfinished_attempt
 from parlm.train.state import (DeviceFlagPoller, ExponentialMovingAverage, InsufficientMemoryError,
@@ -72,10 +72,8 @@ def configure_cuda_math() -> None:
 
     Why the last one: Inductor (torch 2.11) fuses each RMSNorm backward (a row reduction) with
     the gradients of the per-channel control vectors (column reductions over B*T rows) into
-    "mix-order" kernels; on the default model three of them took 53-59 ms per step each on an
-    H100. With them off the same compiled step measured 1,055k tok/s before looping and 698k
-    after (937k / 617k with them on), peak memory 38.8 GiB (benchmarks/model_step_speed.py,
-    1xH100, 2026-11-26)."""
+    "mix-order" kernels that are slow on the default model; with them off the compiled step is
+    faster (benchmarks/model_step_speed.py measures it; figures in the README)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("high")
@@ -170,7 +168,7 @@ class Trainer:
         warmup_steps = self.config.warmup_steps
         if warmup_steps <= 0:
             return 0.0
-        _synchronize(self.device)
+        dist.synchronize(self.device)
         start = time.perf_counter()
         snapshot = TrainingSnapshot.capture(self.base_model, self.optimizers)
         self.model.train()
@@ -196,7 +194,7 @@ class Trainer:
         if self.ctx.distributed:
             self.model.require_backward_grad_sync = True
         self.loader = self.new_loader()
-        _synchronize(self.device)
+        dist.synchronize(self.device)
         return time.perf_counter() - start
 
     @contextlib.contextmanager
@@ -228,16 +226,10 @@ class Trainer:
             f"accumulation; or lower train_batch_tokens / train_seq_len, or use more GPUs.")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------
 def _save_state_dict(state: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with runlog.atomic_path(path) as tmp:  # no temporary file left on a full disk
+        torch.save(state, tmp)
 
 
 def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
@@ -254,7 +246,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     logger = runlog.RunLogger(run_dir, "train.log")
     log = logger.log
     if ctx.is_main:
-        config = pipeline.prepare_run(config, run_dir)
+        config = runlog.record_config(config, run_dir)
         clear_unfinished_attempt(run_dir, log)
     config = dist.broadcast_object(config)
     dist.barrier()
@@ -292,14 +284,14 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     last_log_step, last_log_ms = 0, 0.0
     iterations = config.iterations
     trainer.model.train()
-    _synchronize(device)
+    dist.synchronize(device)
     start = time.perf_counter()
     timer.resume()
     with trainer.out_of_memory_explained(log):
         while True:
             last_step = step == iterations or (stop_after_step is not None and step >= stop_after_step)
             if last_step or (config.val_loss_every > 0 and step % config.val_loss_every == 0):
-                _synchronize(device)
+                dist.synchronize(device)
                 training_ms += 1000.0 * (time.perf_counter() - start)
                 trainer.phase = f"validation at step {step}"
                 result = eval_val(config, trainer.eval_model, val_tokens, byte_tables, ctx)
@@ -308,7 +300,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
                     f"eval_time:{1000 * result.seconds:.0f}ms")
                 logger.metric("val", step=step, val_loss=result.loss, val_bpb=result.bpb,
                               seconds=result.seconds, train_time_ms=training_ms)
-                _synchronize(device)
+                dist.synchronize(device)
                 start = time.perf_counter()
                 timer.resume()
             if last_step:
@@ -365,7 +357,7 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
                     break
             if stop_after_step is None and reached_cap:
                 stop_after_step = step
-    _synchronize(device)
+    dist.synchronize(device)
     if not diverged and not ema.is_healthy():
         diverged = True
     if diverged:
@@ -438,54 +430,12 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
     return summary
 
 
-# ----------------------------------------------------------------------------------------
-def _run_module_streaming(module: str, args: list[str], echo: bool = True) -> None:
-    """`python -m module args` in a subprocess, its output streamed line by line; on failure a
-    RuntimeError carrying the last lines."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Idle OpenMP threads sleep instead of spinning: on a busy few-core machine spinning
-    # threads slow CPU training by an order of magnitude.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    dist.stream_subprocess([sys.executable, "-m", module, *args], env, echo)
-
-
-def train_stage(config: Config, run_dir: str | os.PathLike, nproc: int = 1, echo: bool = True) -> dict:
-    """The notebook's entry: make sure the data stage is done, train in a subprocess
-    (`python -m parlm.train` for nproc 1, torchrun through the pipeline otherwise) streaming
-    its log, mark the "train" stage done and return train.json. A finished stage is not rerun."""
-    config = pipeline.ensure(config, run_dir, "data")
-    run_dir = Path(run_dir)
-    if runlog.stage_done(run_dir, "train"):
-        print(f"train stage already done in {run_dir}; showing its results")
-        return runlog.read_json(run_dir / "train.json")
-    if nproc > 1:
-        pipeline.run_stage("train", config, run_dir, nproc=nproc)
-    else:
-        _run_module_streaming("parlm.train", ["--run-dir", str(run_dir)], echo=echo)
-        runlog.mark_stage_done(run_dir, "train")
-    return runlog.read_json(run_dir / "train.json")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m parlm.train",
-        description="Train a parlm model into a run folder (SPEC 3). Under torchrun, one process "
-                    "per GPU; the config comes from --config, else <run-dir>/config.yaml, else "
-                    "--preset, else the reference defaults, then --set overrides.")
-    parser.add_argument("--run-dir", required=True, help="run folder (created if missing)")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    failed = False
-    try:
-        config = config_from_arguments(args, args.run_dir)
-        train_run(config, args.run_dir)
-    except (ConfigError, FileNotFoundError, FileExistsError, InsufficientMemoryError,
-            TrainingDiverged) as error:
-        failed = True
-        prefix = f"[rank {dist.get_rank()}] " if dist.get_world_size() > 1 else ""
-        print(f"{prefix}parlm.train: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        dist.cleanup(barrier=False if failed else None)
-    return 0
-
+    """`python -m parlm.train --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    return stage_command(
+        "python -m parlm.train",
+        "Train a parlm model into a run folder (SPEC 3). Under torchrun, one process per GPU; the "
+        "config comes from --config, else <run-dir>/config.yaml, else --preset, else the reference "
+        "defaults, then --set overrides.",
+        train_run, argv, run_dir_help="run folder (created if missing)",
+        user_errors=(InsufficientMemoryError, TrainingDiverged))
