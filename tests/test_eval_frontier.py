@@ -4,6 +4,7 @@ histories, the budget planner against hand-worked numbers, and the stage's eval 
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -218,21 +219,31 @@ def test_measured_costs_from_eval_json():
 # ----------------------------------------------------------------------------------------
 # The stage: eval clock and projection in eval.json (tiny real dataset, real artifact)
 
-def test_evaluate_run_reports_the_eval_clock_with_every_switch(tiny_dataset_config, tmp_path):
-    from parlm.eval.stage import evaluate_run
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dataset_config, tmp_path_factory):
+    """A run folder holding a quantized tiny model, its config (192 validation tokens)."""
     from parlm.quant.stage import quantize_run
+
+    run_dir = tmp_path_factory.mktemp("frontier_run")
+    config = tiny_dataset_config.replace(val_max_tokens=192)
+    config.save(run_dir / "config.yaml")
+    torch.save(tiny_model(config).state_dict(), run_dir / "final_model.pt")
+    quantize_run(config, run_dir)
+    return run_dir, config
+
+
+def test_evaluate_run_reports_the_eval_clock_with_every_switch(tiny_run):
+    from parlm.eval.stage import evaluate_run
     from parlm.runlog import read_json
 
-    config = tiny_dataset_config.replace(
-        val_max_tokens=192, lora_ttt_enabled=True, lora_ttt_rank=2, lora_ttt_chunk_tokens=16,
+    run_dir, base = tiny_run
+    config = base.replace(
+        lora_ttt_enabled=True, lora_ttt_rank=2, lora_ttt_chunk_tokens=16,
         lora_ttt_short_chunks="16:8", lora_ttt_no_qv=True, lora_ttt_phases=1, lora_ttt_prefix_docs=1,
         lora_ttt_local_lr_factor=0.75, tilt_enabled=True, tilt_order=2, tilt_threshold=0.2,
         ttt_chunk_tokens=64, eval_speed_ratio=1.5)
-    config.save(tmp_path / "config.yaml")
-    torch.save(tiny_model(config).state_dict(), tmp_path / "final_model.pt")
-    quantize_run(config, tmp_path)
-    evaluate_run(config, tmp_path)
-    saved = read_json(tmp_path / "eval.json")
+    evaluate_run(config, run_dir)
+    saved = read_json(run_dir / "eval.json")
     assert saved["ttt_method"] == "lora" and saved["eval_bpb"] == saved["tilt_bpb"]
     parts = ("load_seconds", "quantized_seconds", "sliding_seconds", "ttt_seconds", "tilt_precompute_seconds")
     assert saved["eval_clock_seconds"] == pytest.approx(sum(saved[k] for k in parts))
@@ -242,3 +253,30 @@ def test_evaluate_run_reports_the_eval_clock_with_every_switch(tiny_dataset_conf
     assert saved["eval_projection_seconds"] == pytest.approx(expected)
     assert saved["eval_projection_target"] == "8xH100" and saved["eval_projection_fits_margin"]
     assert saved["eval_projection_over_budget"] is False
+
+
+def test_benchmark_runs_every_variant_on_a_demo_run_folder(tiny_run, tmp_path):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("eval_frontier", REPO_ROOT / "benchmarks" / "eval_frontier.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    run_dir, _ = tiny_run
+    out = tmp_path / "frontier.json"
+    rows = benchmark.main(["--run-dir", str(run_dir), "--val-tokens", "160", "--context", "64:32",
+                           "--short-chunks", "16:8", "--set", "lora_ttt_rank=2", "--set", "lora_ttt_chunk_tokens=16",
+                           "--set", "tilt_order=2", "--set", "ttt_chunk_tokens=64", "--out", str(out)])
+    names = [r["variant"] for r in rows]
+    assert names == ["pr1858_ttt", "context", "lora_ttt", "lora_no_qv_lr0.75", "lora_short_chunks",
+                     "lora_one_phase", "tilt", "frontier"]
+    assert rows[0]["delta_vs_pr1858_ttt"] == 0.0 and all(r["projection_seconds"] > 0 for r in rows)
+    frontier = rows[-1]["overrides"]
+    assert frontier["lora_ttt_enabled"] and frontier["lora_ttt_no_qv"] and frontier["tilt_enabled"]
+    assert frontier["eval_seq_len"] == 64 and frontier["lora_ttt_phases"] == 1
+    assert rows[-1]["ttt_method"] == "lora" and rows[-1]["eval_bpb"] == rows[-1]["tilt_bpb"]
+    scores = {r["variant"]: r["eval_bpb"] for r in rows}
+    for name in ("context", "lora_ttt", "lora_no_qv_lr0.75", "lora_short_chunks", "tilt", "frontier"):
+        assert abs(scores[name] - scores["pr1858_ttt"]) > 1e-6, name  # the switch really acts
+    assert json.loads(out.read_text())["tokens"] == 160
