@@ -164,79 +164,91 @@ class DocumentAdapters:
         self.model.fused_projections = self.fused_before
 
 
-def chunk_windows(doc_bounds: np.ndarray, docs: list[int], chunk_start: int, chunk_stop: int,
-                  seq_len: int) -> dict[str, np.ndarray]:
-    """Per document of the batch, the window of the chunk [chunk_start, chunk_stop) (offsets
-    inside the document): window start (absolute), valid length, offset of the chunk inside
-    the window and its length (0 when the document is shorter). The window is the document's
-    last ≤ seq_len tokens ending at the chunk's end; `last` marks a document's final chunk."""
-    starts = doc_bounds[docs]
-    lengths = doc_bounds[np.asarray(docs) + 1] - starts
-    chunk_end = np.minimum(chunk_stop, lengths)
-    active = chunk_start < lengths
-    window_start = np.maximum(0, chunk_end - seq_len)
-    return {"start": starts + window_start, "length": np.where(active, chunk_end - window_start, 0),
-            "offset": np.where(active, chunk_start - window_start, 0),
-            "chunk_length": np.where(active, chunk_end - chunk_start, 0),
-            "last": chunk_end >= lengths}
+def chunk_windows(tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, chunk_start: int,
+                  chunk_stop: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The batch's inputs for the chunk [chunk_start, chunk_stop) (offsets inside each
+    document; documents at absolute `starts` with `lengths` scored positions, device tensors):
+    each window is the document's last ≤ seq_len tokens ending at min(chunk_stop, length),
+    zero-padded to width min(seq_len, chunk_stop). Returns x, y [B, width]; rows [B, chunk] the
+    chunk's rows in the window (clamped past a short chunk); scored [B, chunk] the rows that
+    are real positions of the chunk; positions [B, chunk] their absolute stream positions."""
+    total = tokens.numel() - 1
+    chunk, width = chunk_stop - chunk_start, min(seq_len, chunk_stop)
+    device = tokens.device
+    chunk_end = lengths.clamp(max=chunk_stop)
+    active = lengths > chunk_start
+    window_start = (chunk_end - seq_len).clamp(min=0)
+    length = torch.where(active, chunk_end - window_start, 0)
+    offset = torch.where(active, chunk_start - window_start, 0)
+    columns = torch.arange(width + 1, device=device)
+    index = (starts[:, None] + window_start[:, None] + columns[None, :]).clamp(max=total)
+    valid = columns[None, :width] < length[:, None]
+    steps = torch.arange(chunk, device=device)
+    rows = (offset[:, None] + steps[None, :]).clamp(max=width - 1)
+    return {"x": torch.where(valid, tokens[index[:, :-1]], 0), "y": torch.where(valid, tokens[index[:, 1:]], 0),
+            "rows": rows, "scored": steps[None, :] < torch.where(active, chunk_end - chunk_start, 0)[:, None],
+            "positions": starts[:, None] + window_start[:, None] + rows}
+
+
+def record_scores(window: dict, logits: torch.Tensor, nll: torch.Tensor, tables, sums: torch.Tensor,
+                  nll_out: torch.Tensor, tilt, mix_out, on_score) -> None:
+    """Accumulate one chunk's scores (masked rows go to the scratch slot T; no host sync)."""
+    scored, positions = window["scored"], window["positions"]
+    total = nll_out.numel() - 1
+    targets, inputs = window["y"].gather(1, window["rows"]), window["x"].gather(1, window["rows"])
+    weight = scored.to(torch.float64)
+    score = nll.detach().double()
+    n_bytes = tables.count_bytes(targets, inputs).to(torch.float64)
+    sums[:3] += torch.stack([(score * weight).sum(), weight.sum(), (n_bytes * weight).sum()])
+    slot = torch.where(scored, positions, total).flatten()
+    nll_out.index_copy_(0, slot, score.flatten().to(nll_out.dtype))
+    if tilt is not None:  # the tilted score of the same positions, from the same logits
+        tilted = tilt.nll(logits.detach().flatten(0, 1).float(), positions.flatten().clamp(max=total - 1))
+        sums[3] += (tilted * weight.flatten()).sum()
+        mix_out.index_copy_(0, slot, tilted.to(mix_out.dtype))
+    if on_score is not None:
+        on_score(positions[scored], score[scored])
 
 
 def score_and_update_batch(config: Config, model, tokens: torch.Tensor, tables, doc_bounds: np.ndarray,
                            docs: list[int], sums: torch.Tensor, nll_out: torch.Tensor, tilt=None,
-                           mix_out: torch.Tensor | None = None, on_score: Callable | None = None, on_train: Callable | None = None,
-                           seed: int = 0) -> int:
+                           mix_out: torch.Tensor | None = None, on_score: Callable | None = None,
+                           on_train: Callable | None = None, seed: int = 0) -> int:
     """Score-first LoRA TTT of one batch of documents (module docstring, steps 1-2); adds Σnll,
     tokens, bytes (and Σ tilted nll with `tilt`) into `sums`, per-position NLLs into `nll_out`
-    (tilted ones into `mix_out`). Returns the number of update steps."""
+    (tilted ones into `mix_out`). Returns the number of update steps. The chunk plan is
+    built on the device and the train/no-train decision on the host from the lengths, so
+    the loop does not wait on the GPU."""
     device = tokens.device
     lengths = doc_bounds[np.asarray(docs) + 1] - doc_bounds[docs]
+    starts_device = torch.as_tensor(doc_bounds[docs], device=device)
+    lengths_device = torch.as_tensor(lengths, device=device)
     edges = chunk_edges(config, int(lengths.max()))
     adapters = DocumentAdapters(config, model, len(docs), device, seed=seed)
-    total, steps = tokens.numel() - 1, 0
+    steps = 0
     try:
         for chunk_start, chunk_stop in zip(edges[:-1].tolist(), edges[1:].tolist()):
-            chunk = chunk_stop - chunk_start
-            plan = chunk_windows(doc_bounds, docs, chunk_start, chunk_stop, config.eval_seq_len)
-            width = min(config.eval_seq_len, chunk_stop)
-            start = torch.as_tensor(plan["start"], device=device)
-            columns = torch.arange(width + 1, device=device)
-            index = (start[:, None] + columns[None, :]).clamp(max=total)
-            valid = columns[None, :width] < torch.as_tensor(plan["length"], device=device)[:, None]
-            x = torch.where(valid, tokens[index[:, :-1]], 0)
-            y = torch.where(valid, tokens[index[:, 1:]], 0)
-            # The chunk's rows of each window (clamped past a short chunk, masked below).
-            rows = torch.as_tensor(plan["offset"], device=device)[:, None] + torch.arange(chunk, device=device)
-            rows = rows.clamp(max=width - 1)
-            scored = torch.arange(chunk, device=device)[None, :] < torch.as_tensor(plan["chunk_length"], device=device)[:, None]
-            positions = start[:, None] + rows
+            window = chunk_windows(tokens, starts_device, lengths_device, chunk_start, chunk_stop,
+                                   config.eval_seq_len)
+            rows = window["rows"]
             with autocast_context(device):
-                hidden = model.forward_hidden(x)
+                hidden = model.forward_hidden(window["x"])
                 picked = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
                 logits = model.logits_from_hidden(picked)
-            targets, inputs = y.gather(1, rows), x.gather(1, rows)
+            targets = window["y"].gather(1, rows)
             nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
             with torch.no_grad():
-                kept = positions[scored]
-                score = nll.detach()[scored].double()
-                weight = scored.to(torch.float64)
-                n_bytes = tables.count_bytes(targets, inputs).to(torch.float64)
-                sums[:3] += torch.stack([score.sum(), weight.sum(), (n_bytes * weight).sum()])
-                nll_out[kept] = score.to(nll_out.dtype)
-                if tilt is not None:  # the tilted score of the same positions, same logits
-                    tilted = tilt.nll(logits.detach()[scored].float(), kept)
-                    sums[3] += tilted.sum()
-                    mix_out[kept] = tilted
-                if on_score is not None:
-                    on_score(kept, score)
-            trains = torch.as_tensor(~plan["last"] & (plan["chunk_length"] > 0), device=device)
-            if bool(trains.any()):
-                per_doc = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
-                if on_train is not None:
-                    on_train(positions[scored & trains[:, None]])
-                adapters.optimizer.zero_grad(set_to_none=True)
-                (per_doc * trains).sum().backward()
-                adapters.optimizer.step()
-                steps += 1
+                record_scores(window, logits, nll, tables, sums, nll_out, tilt, mix_out, on_score)
+            if not (lengths > chunk_stop).any():  # every document's last chunk: nothing to train
+                continue
+            trains = (lengths_device > chunk_stop)[:, None] & window["scored"]
+            per_doc = (nll * trains).sum(1) / trains.sum(1).clamp(min=1)
+            if on_train is not None:
+                on_train(window["positions"][trains])
+            adapters.optimizer.zero_grad(set_to_none=True)
+            per_doc.sum().backward()
+            adapters.optimizer.step()
+            steps += 1
     finally:
         adapters.close()
     return steps
