@@ -193,6 +193,9 @@ def test_projection_hand_worked():
     # chunks 0-2 train 2 sequences each -> 1 per rank, 2 epochs: 2·0.1·2·3
     assert row["train_seconds"] == pytest.approx(1.2)
     assert row["total_seconds"] == pytest.approx(13.52) and row["fits"]
+    # a fixed 0.05 s per step: 3 trained chunks x 2 epochs x 2·0.05 more
+    slow_steps = MeasuredCosts(**{**COSTS.__dict__, "step_overhead_seconds": 0.05})
+    assert project(slow_steps, target, 64, 2)["train_seconds"] == pytest.approx(1.2 + 0.6)
 
 
 def test_plan_picks_the_smallest_chunk_then_the_most_epochs():

@@ -11,11 +11,13 @@ On W target GPUs, for chunk size C and E epochs over T positions (num_chunks = �
 windows of chunk c from `plan_ttt_chunks`, seqs_c = ⌊(chunk length)/L⌋):
 
     score(C)    = s · t_window · B · Σ_c ⌈⌈n_c/W⌉ / B⌉
-    train(C, E) = s · t_seq · E · Σ_{c < num_chunks−1} ⌈seqs_c / W⌉
+    train(C, E) = s · E · Σ_{c < num_chunks−1} (t_seq · ⌈seqs_c / W⌉ + t_step)
     fixed       = s · (load + tilt precompute + (quantized + sliding + LoRA TTT) · w_m / W)
 
 load and the tilt precompute run whole on every rank; plain, sliding and LoRA TTT split their
-work across ranks. projection = fixed + score + train; it fits when
+work across ranks. t_step is a fixed cost per synchronous step (optimizer, all-reduce
+latency, launches) that one measurement cannot separate from t_seq: an explicit input
+(`--step-overhead`, default 0), the term that makes very small chunks expensive. projection = fixed + score + train; it fits when
 projection ≤ budget · (1 − margin). `plan` keeps the smallest chunk that fits, with the most
 epochs for it. The speed ratio is an explicit input because it cannot be measured here.
 
@@ -61,6 +63,7 @@ class MeasuredCosts:
     seq_len: int
     stride: int
     batch_seqs: int
+    step_overhead_seconds: float = 0.0  # t_step: fixed seconds per synchronous TTT step
 
 
 def measured_costs(eval_json: dict, config) -> MeasuredCosts:
@@ -95,7 +98,7 @@ def project(costs: MeasuredCosts, target: Target, chunk_tokens: int, epochs: int
         starts = np.arange(len(windows)) * chunk_tokens
         lengths = np.minimum(starts + chunk_tokens, costs.total_tokens) - starts
         seqs = lengths[:-1] // costs.seq_len
-        train = s * costs.sequence_seconds * epochs * float((-(-seqs // W)).sum())
+        train = s * epochs * float((costs.sequence_seconds * -(-seqs // W) + costs.step_overhead_seconds).sum())
     total = fixed + score + train
     return {"chunk_tokens": chunk_tokens, "epochs": epochs, "fixed_seconds": fixed,
             "score_seconds": score, "train_seconds": train, "total_seconds": total,
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--margin", type=float, default=0.10)
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes (default: 1/4x..2x current)")
     parser.add_argument("--epochs", default="1,2,3,4")
+    parser.add_argument("--step-overhead", type=float, default=0.0,
+                        help="fixed seconds per TTT step on the measured GPU (t_step)")
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     config = Config.load(Path(args.config) if args.config else eval_path.parent / "config.yaml")
     eval_json = json.loads(eval_path.read_text())
     costs = measured_costs(eval_json, config)
+    costs.step_overhead_seconds = args.step_overhead
     target = Target(args.world_size, args.budget, args.margin, args.speed_ratio)
     step = math.lcm(config.eval_stride, config.eval_seq_len)
     chunks = ([int(c) for c in args.chunks.split(",")] if args.chunks else
