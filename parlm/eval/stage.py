@@ -6,6 +6,12 @@ valid token mixture when `mixture_enabled`. Compile time is measured on dummy ba
 each timed stage and reported separately. Plain and sliding evaluation leave the weights
 untouched, so TTT adapts the same model in place and reuses the sliding scorer's compiled
 graphs; the reference reloads the artifact and compiles again.
+
+Frontier switches (issue 21, all off by default): `lora_ttt_enabled` replaces the chunk TTT by
+per-document LoRA TTT (`parlm.eval.lora_ttt`), `tilt_enabled` re-scores the TTT pass through the
+n-gram tilt (`parlm.eval.ngram_tilt`; eval_bpb is then the tilted score). eval.json also holds
+the evaluation clock (eval_clock_seconds: load + quantized + sliding + TTT + tilt precompute)
+and its projection onto the contest machine (eval_projection_*, `parlm.eval.budget`).
 """
 from __future__ import annotations
 
