@@ -283,3 +283,35 @@ def test_benchmark_runs_every_variant_on_a_demo_run_folder(tiny_run, tmp_path):
     for name in ("context", "lora_ttt", "lora_no_qv_lr0.75", "lora_short_chunks", "tilt", "frontier"):
         assert abs(scores[name] - scores["pr1858_ttt"]) > 1e-6, name  # the switch really acts
     assert json.loads(out.read_text())["tokens"] == 160
+
+
+def test_every_frontier_switch_is_off_by_default():
+    from parlm.config import Config
+
+    config = Config()
+    assert not (config.lora_ttt_enabled or config.lora_ttt_no_qv or config.tilt_enabled)
+    assert config.lora_ttt_phases == 0 and config.lora_ttt_short_chunks == ""
+    assert config.lora_ttt_local_lr_factor == 1.0
+    with pytest.raises(ConfigError, match="tilt_enabled and mixture_enabled"):
+        config.replace(tilt_enabled=True, mixture_enabled=True).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_ttt_and_tilt_run_on_cuda_like_on_cpu():
+    """The same documents on CUDA (bf16 autocast) and CPU: every position scored once and
+    the scores close (bf16 rounding apart)."""
+    from parlm.dist import DistContext
+
+    config = lora_config(lora_ttt_phases=1, lora_ttt_prefix_docs=1, lora_ttt_short_chunks="12:4",
+                         lora_ttt_no_qv=True, tilt_enabled=True, tilt_order=2, tilt_threshold=0.0,
+                         ttt_chunk_tokens=32)
+    model = tiny_model(config)
+    tokens = doc_stream([20, 45, 9, 30])
+    cpu = run_lora(config, model, tokens, tilt=NgramTilt(config, tokens, "cpu"))
+    cuda_ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    cuda = eval_val_lora_ttt(config, copy.deepcopy(model).cuda(), tokens, synthetic_byte_tables(1024), cuda_ctx,
+                             tilt=NgramTilt(config, tokens, "cuda"))
+    assert cuda.result.tokens == cpu.result.tokens == tokens.numel() - 1
+    np.testing.assert_allclose(cuda.nll, cpu.nll, atol=0.1)
+    assert cuda.mix.bpb == pytest.approx(cpu.mix.bpb, abs=0.02)
