@@ -33,9 +33,13 @@ OFF = dict(lora_ttt_enabled=False, lora_ttt_no_qv=False, lora_ttt_local_lr_facto
 def variants(args, base: Config, prefix_docs: int) -> dict[str, dict]:
     """name -> config overrides on top of the run's config with every switch off."""
     seq_len, stride = (int(v) for v in args.context.split(":"))
-    step = math.lcm(seq_len, stride)
-    context = dict(eval_seq_len=seq_len, eval_stride=stride,
-                   ttt_chunk_tokens=max(step, base.ttt_chunk_tokens // step * step))
+
+    def chunk_for(step: int) -> int:  # ttt_chunk_tokens must stay a multiple of stride and L
+        return max(step, base.ttt_chunk_tokens // step * step)
+
+    # The context alone keeps the #1858 stride (the chunk TTT scores through it); the frontier
+    # takes the long stride too, which only the sliding diagnostic uses once LoRA TTT is on.
+    context = dict(eval_seq_len=seq_len, ttt_chunk_tokens=chunk_for(math.lcm(seq_len, base.eval_stride)))
     lora = dict(lora_ttt_enabled=True)
     table = {
         "pr1858_ttt": {},
@@ -46,7 +50,8 @@ def variants(args, base: Config, prefix_docs: int) -> dict[str, dict]:
         "lora_one_phase": {**lora, "lora_ttt_phases": 1, "lora_ttt_prefix_docs": prefix_docs},
         "tilt": {"tilt_enabled": True},
     }
-    table["frontier"] = {k: v for name in table for k, v in table[name].items()}
+    table["frontier"] = {**{k: v for name in table for k, v in table[name].items()}, "eval_stride": stride,
+                         "ttt_chunk_tokens": chunk_for(math.lcm(seq_len, stride))}
     keep = [v for v in args.variants.split(",") if v] or list(table)
     return {name: table[name] for name in keep}
 
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--run-dir", required=True, help="run folder with config.yaml and the artifact")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (all variants)")
     parser.add_argument("--val-tokens", type=int, default=2_097_152, help="validation prefix scored (0 = all)")
-    parser.add_argument("--context", default="3072:1536", help="eval_seq_len:eval_stride of the context variant")
+    parser.add_argument("--context", default="2560:1536",
+                        help="eval_seq_len:eval_stride; the context variant takes the length, the frontier both")
     parser.add_argument("--short-chunks", default="256:8,2000:24", help="lora_ttt_short_chunks of its variant")
     parser.add_argument("--prefix-docs", type=int, default=2500,
                         help="phase prefix on the full stream (scaled to the prefix scored)")

@@ -277,7 +277,8 @@ def test_benchmark_runs_every_variant_on_a_demo_run_folder(tiny_run, tmp_path):
     assert rows[0]["delta_vs_pr1858_ttt"] == 0.0 and all(r["projection_seconds"] > 0 for r in rows)
     frontier = rows[-1]["overrides"]
     assert frontier["lora_ttt_enabled"] and frontier["lora_ttt_no_qv"] and frontier["tilt_enabled"]
-    assert frontier["eval_seq_len"] == 64 and frontier["lora_ttt_phases"] == 1
+    assert frontier["eval_seq_len"] == 64 and frontier["eval_stride"] == 32 and frontier["lora_ttt_phases"] == 1
+    assert "eval_stride" not in rows[1]["overrides"]  # the context variant keeps the #1858 stride
     assert rows[-1]["ttt_method"] == "lora" and rows[-1]["eval_bpb"] == rows[-1]["tilt_bpb"]
     scores = {r["variant"]: r["eval_bpb"] for r in rows}
     for name in ("context", "lora_ttt", "lora_no_qv_lr0.75", "lora_short_chunks", "tilt", "frontier"):
