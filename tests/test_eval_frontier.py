@@ -316,3 +316,58 @@ def test_lora_ttt_and_tilt_run_on_cuda_like_on_cpu():
     assert cuda.result.tokens == cpu.result.tokens == tokens.numel() - 1
     np.testing.assert_allclose(cuda.nll, cpu.nll, atol=0.1)
     assert cuda.mix.bpb == pytest.approx(cpu.mix.bpb, abs=0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# Two gloo processes (document batches dealt to ranks, the global phase's gradients averaged)
+
+def distributed_setup():
+    config = lora_config(lora_ttt_batch_docs=2, lora_ttt_phases=1, lora_ttt_prefix_docs=2,
+                         lora_ttt_global_lr=0.05, ttt_chunk_tokens=128, ttt_batch_seqs=4, tilt_enabled=True,
+                         tilt_order=2, tilt_threshold=0.0)
+    # float32 weights: a bf16 gradient rounds differently when summed over ranks.
+    return config, tiny_model(config).float(), doc_stream([40, 40, 25, 30, 12, 20])
+
+
+def distributed_lora(ctx):
+    config, model, tokens = distributed_setup()
+    result = eval_val_lora_ttt(config, model, tokens, synthetic_byte_tables(1024), ctx,
+                               tilt=NgramTilt(config, tokens, "cpu"))
+    return {"bpb": result.result.bpb, "tilt": result.mix.bpb, "nll": result.nll,
+            "steps": result.extra["global_steps"]}
+
+
+def distributed_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    from parlm.dist import cleanup, init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    try:
+        result = distributed_lora(ctx)
+        if rank == 0:
+            torch.save(result, out_path)
+    finally:
+        cleanup()
+
+
+@pytest.mark.slow
+def test_lora_ttt_on_two_gloo_processes_matches_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = distributed_lora(CPU)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out_path = str(tmp_path / "rank0.pt")
+    mp.spawn(distributed_worker, args=(2, port, out_path), nprocs=2, join=True)
+    double = torch.load(out_path, weights_only=False)
+    assert single["steps"] > 0
+    assert double["bpb"] == pytest.approx(single["bpb"], rel=1e-5)
+    assert double["tilt"] == pytest.approx(single["tilt"], rel=1e-5)
+    np.testing.assert_allclose(double["nll"], single["nll"], rtol=1e-4, atol=1e-4)
