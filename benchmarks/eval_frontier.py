@@ -68,6 +68,7 @@ def run_variant(config: Config, artifact: Path, tokens: torch.Tensor, tables, ct
         def metric(self, *_, **__):
             pass
 
+    torch._dynamo.reset()  # each variant compiles its own fresh model: no stale graphs or recompile limit
     synchronize(ctx.device)
     t0 = time.perf_counter()
     model = load_quantized_model(config, artifact, ctx.device)
