@@ -248,6 +248,7 @@ def test_evaluate_run_reports_the_eval_clock_with_every_switch(tiny_run):
     evaluate_run(config, run_dir)
     saved = read_json(run_dir / "eval.json")
     assert saved["ttt_method"] == "lora" and saved["eval_bpb"] == saved["tilt_bpb"]
+    assert saved["ttt_chunks"] == [] and saved["ttt_phases"][0]["phase"] == 0
     parts = ("load_seconds", "quantized_seconds", "sliding_seconds", "ttt_seconds", "tilt_precompute_seconds")
     assert saved["eval_clock_seconds"] == pytest.approx(sum(saved[k] for k in parts))
     # LoRA TTT, plain and sliding split over 8 GPUs; load and precompute do not; x1.5 speed ratio.

@@ -228,9 +228,11 @@ def evaluate_run(config: Config, run_dir) -> dict:
             out["ttt_neural_seconds"] = ttt.result.seconds - ttt.extra["mixture_seconds"]
         if sliding_nll is not None and ctx.is_main and not config.lora_ttt_enabled:
             add_sliding_to_chunks(ttt.chunks, sliding_nll[:total], val_tokens, byte_tables)
-        out["ttt_chunks"] = ttt.chunks
+        # LoRA TTT has no stream chunks: its records are phases (ttt_phases), ttt_chunks stays empty.
+        out["ttt_phases" if config.lora_ttt_enabled else "ttt_chunks"] = ttt.chunks
+        out.setdefault("ttt_chunks", [])
         for chunk in ttt.chunks:
-            logger.metric("eval", name="ttt_chunk", **chunk)
+            logger.metric("eval", name="ttt_phase" if config.lora_ttt_enabled else "ttt_chunk", **chunk)
         if ttt.mix is not None and tilt is None:
             out["mix_valid_loss"], out["mix_valid_bpb"] = ttt.mix.loss, ttt.mix.bpb
             logger.log(f"mix_valid val_loss:{ttt.mix.loss:.8f} val_bpb:{ttt.mix.bpb:.8f}")
