@@ -201,6 +201,31 @@ class Config:
     eval_compile_plain: bool = False
     ttt_compile_train: bool = False
     ttt_diagnostic_after: bool = False
+    # ---- frontier eval switches (issue 21); all off = PR #1858 behaviour ----------------------
+    lora_ttt_enabled: bool = False  # per-document score-first LoRA TTT replaces the chunk TTT (#1530)
+    lora_ttt_rank: int = 80  # LoRA rank r of every adapted projection
+    lora_ttt_alpha: float = 144.0  # LoRA output scale alpha/r (#1767)
+    lora_ttt_lr: float = 1e-4  # AdamW learning rate of the adapters
+    lora_ttt_local_lr_factor: float = 1.0  # multiplies lora_ttt_lr (#1953: 0.75)
+    lora_ttt_weight_decay: float = 0.5  # AdamW decoupled weight decay of the adapters
+    lora_ttt_beta1: float = 0.0  # AdamW beta1 of the adapters
+    lora_ttt_beta2: float = 0.99  # AdamW beta2 of the adapters
+    lora_ttt_no_qv: bool = False  # no Q/V adapters, only K, O and MLP (#1953/#2014 TTT_MASK=no_qv)
+    lora_ttt_chunk_tokens: int = 48  # score-then-update chunk inside a document (tokens)
+    lora_ttt_short_chunks: str = ""  # smaller chunks for early document offsets "limit:chunk,..." (#2014: 256:8,2000:24)
+    lora_ttt_batch_docs: int = 24  # documents adapted side by side, one adapter slot each
+    lora_ttt_phases: int = 0  # global SGD phases over the scored prefix (#1626; late entries: 1)
+    lora_ttt_prefix_docs: int = 2500  # documents scored before the last global phase
+    lora_ttt_global_lr: float = 0.001  # SGD lr of a global phase (cosine over its chunks)
+    lora_ttt_global_epochs: int = 1  # passes of a global phase over the scored prefix
+    tilt_enabled: bool = False  # token-only n-gram tilt of the TTT score (#2130/#2135)
+    tilt_order: int = 16  # n of the tilt's n-gram: the context is the last n-1 tokens
+    tilt_threshold: float = 0.8  # tilt only where the context's top next-token frequency >= this
+    tilt_boost: float = 2.625  # beta: log-odds added to the hinted token before renormalizing
+    eval_budget_seconds: float = 600.0  # the contest's evaluation wall-clock cap
+    eval_budget_margin: float = 0.10  # planner's safety margin (fraction of the cap kept free)
+    eval_budget_world_size: int = 8  # GPUs of the target machine (8xH100)
+    eval_speed_ratio: float = 1.0  # measured GPU speed / H100 speed (H100 seconds = measured x this)
 
     # ---- quantization and artifact (SPEC 4) ---------------------------------------------
     compressor: str = "brotli"  # brotli | lzma | per_group (#1855-like per-group choice, stdlib + brotli only)
@@ -566,6 +591,26 @@ FIELD_RULES: dict[str, Allowed] = {
     "ttt_batch_seqs": COUNT,
     "ttt_grad_clip_norm": above(0.0),
     "eval_compile_mode": one_of(*COMPILE_MODES),
+    "lora_ttt_rank": COUNT,
+    "lora_ttt_alpha": above(0.0),
+    "lora_ttt_lr": at_least(0.0),
+    "lora_ttt_local_lr_factor": at_least(0.0),
+    "lora_ttt_weight_decay": at_least(0.0),
+    "lora_ttt_beta1": DECAY,
+    "lora_ttt_beta2": DECAY,
+    "lora_ttt_chunk_tokens": COUNT,
+    "lora_ttt_batch_docs": COUNT,
+    "lora_ttt_phases": at_least(0),
+    "lora_ttt_prefix_docs": at_least(0),
+    "lora_ttt_global_lr": at_least(0.0),
+    "lora_ttt_global_epochs": at_least(0),
+    "tilt_order": at_least(2),
+    "tilt_threshold": within(0.0, 1.0),
+    "tilt_boost": at_least(0.0),
+    "eval_budget_seconds": above(0.0),
+    "eval_budget_margin": within(0.0, 1.0, high_open=True),
+    "eval_budget_world_size": COUNT,
+    "eval_speed_ratio": above(0.0),
     # ---- quantization and artifact
     "compressor": one_of("brotli", "lzma", "per_group"),
     "gptq_calibration_batches": COUNT,
@@ -622,6 +667,9 @@ def _train_seq_schedule_problem(config) -> str | None:
 
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(("tilt_enabled", "mixture_enabled"), lambda c: not (c.tilt_enabled and c.mixture_enabled),
+                   lambda c: "tilt_enabled and mixture_enabled both re-score the TTT pass; turn one off "
+                             "(--set mixture_enabled=false for the frontier tilt)"),
     CrossFieldRule(("train_seq_schedule", "train_seq_len", "train_batch_tokens", "micro_batches_per_step"),
                    lambda c: _train_seq_schedule_problem(c) is None, _train_seq_schedule_problem),
     CrossFieldRule(("sparse_attn_gate_enabled", "smear_gate_enabled", "gate_window", "model_dim"),

@@ -240,3 +240,180 @@ def test_mixture_driven_score_first_and_once():
     # With the neural NLL as "mixture", the mixed score equals the neural score.
     np.testing.assert_allclose(result.nll_mix, result.nll, rtol=1e-6, atol=1e-6)
     assert result.mix.bpb == pytest.approx(result.result.bpb, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Frontier switches (issue 21): per-document LoRA TTT, n-gram tilt, warm-up inputs
+
+from parlm.eval.lora_ttt import eval_val_lora_ttt  # noqa: E402
+from parlm.eval.ngram_tilt import NgramTilt  # noqa: E402
+from parlm.eval.ttt import TTTTrainer, warmup_tokens  # noqa: E402
+
+FRONTIER_TOTAL = 160
+
+
+def frontier_stream(total: int = FRONTIER_TOTAL, seed: int = 4) -> torch.Tensor:
+    """Documents of 20-50 tokens (BOS = 1 at each start), other ids in 4..1023."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 1024, total + 1)
+    position = 0
+    while position <= total:
+        tokens[position] = 1
+        position += int(rng.integers(20, 50))
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def frontier_config(**overrides):
+    """Every LoRA TTT option on: short-document chunks, no_qv, local LR factor, one phase."""
+    base = dict(lora_ttt_enabled=True, lora_ttt_rank=2, lora_ttt_chunk_tokens=8, lora_ttt_batch_docs=4,
+                lora_ttt_lr=0.02, lora_ttt_short_chunks="16:4", lora_ttt_no_qv=True,
+                lora_ttt_local_lr_factor=0.75, lora_ttt_phases=1, lora_ttt_prefix_docs=2,
+                lora_ttt_global_lr=0.05, ttt_chunk_tokens=64, tilt_enabled=True, tilt_order=2,
+                tilt_threshold=0.2)
+    return tiny_eval_config(**{**base, **overrides})
+
+
+def perturb_keeping_documents(tokens: torch.Tensor, first_changed: int, seed: int = 9) -> torch.Tensor:
+    """A copy whose non-BOS tokens at indices >= first_changed all take other non-BOS ids."""
+    rng = np.random.default_rng(seed)
+    changed = tokens.clone().numpy()
+    tail = np.arange(first_changed, len(changed))
+    tail = tail[changed[tail] != 1]
+    changed[tail] = 4 + (changed[tail] - 4 + rng.integers(1, 1019, len(tail))) % 1020
+    return torch.from_numpy(changed)
+
+
+@pytest.mark.parametrize("first_changed", [30, 95])
+def test_c1_lora_ttt_and_tilt_scores_do_not_depend_on_future_tokens(first_changed):
+    config = frontier_config()
+    model = tiny_model(config)
+
+    def scores(stream):
+        result = eval_val_lora_ttt(config, copy.deepcopy(model), stream, synthetic_byte_tables(1024), CPU,
+                                   tilt=NgramTilt(config, stream, "cpu"))
+        return result.nll, result.nll_mix
+
+    tokens = frontier_stream()
+    for base, changed in zip(scores(tokens), scores(perturb_keeping_documents(tokens, first_changed))):
+        np.testing.assert_array_equal(changed[:first_changed - 1], base[:first_changed - 1])
+        assert np.abs(changed[first_changed - 1:] - base[first_changed - 1:]).max() > 1e-3
+
+
+def test_c1_tilt_hints_do_not_depend_on_future_tokens():
+    config = frontier_config(tilt_order=3, tilt_threshold=0.0)
+    tokens = token_stream(TOTAL, 8)  # a small alphabet: contexts repeat, hints fire often
+    base = NgramTilt(config, tokens, "cpu")
+    for first_changed in (50, 200):
+        changed = tokens.clone()
+        changed[first_changed:] = (changed[first_changed:] + 1) % 8
+        other = NgramTilt(config, changed, "cpu")
+        # hint/beta at t read x_0..x_t: entries t < first_changed are fixed
+        assert torch.equal(other.hint[:first_changed], base.hint[:first_changed])
+        assert torch.equal(other.beta[:first_changed], base.beta[:first_changed])
+        assert not torch.equal(other.hint[first_changed:], base.hint[first_changed:])
+    assert base.fired > TOTAL // 2
+
+
+class CheckedTilt(NgramTilt):
+    """The tilt, checking at every scoring call that its distribution over the whole
+    vocabulary is >= 0 and sums to 1, and that the NLL is −log of it at the realised token."""
+
+    checked: set[int] = set()
+
+    def nll(self, logits, positions):
+        distribution = self.distribution(logits, positions)
+        assert (distribution >= 0).all() and distribution.shape[1] == 1024
+        torch.testing.assert_close(distribution.sum(-1), torch.ones(len(positions), dtype=torch.float64))
+        values = super().nll(logits, positions)
+        expected = -torch.log(distribution.gather(1, self.tokens[positions + 1][:, None])[:, 0])
+        torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
+        CheckedTilt.checked.update(positions.tolist())
+        return values
+
+
+@pytest.mark.parametrize("method", ["sgd", "lora"])
+def test_c2_tilted_scores_are_a_normalised_distribution(method):
+    config = frontier_config(eval_batch_seqs=6, ttt_chunk_tokens=128, tilt_threshold=0.0)
+    tokens = frontier_stream()
+    tilt = CheckedTilt(config, tokens, "cpu")
+    CheckedTilt.checked = set()
+    model = copy.deepcopy(tiny_model(config))
+    tables = synthetic_byte_tables(1024)
+    if method == "sgd":
+        result = eval_val_ttt(config, model, tokens, tables, CPU, mixture=tilt)
+    else:
+        result = eval_val_lora_ttt(config, model, tokens, tables, CPU, tilt=tilt)
+    assert CheckedTilt.checked == set(range(FRONTIER_TOTAL))  # every scored position was checked
+    assert tilt.fired > 0 and np.abs(result.nll_mix - result.nll).max() > 1e-3
+
+
+def test_c2_tilted_distribution_does_not_depend_on_the_target():
+    """The #1420 leak gated channels on the realised token; here, at random positions t, any
+    change of x_{t+1} leaves the whole tilted distribution at t unchanged."""
+    config = frontier_config(tilt_order=2, tilt_threshold=0.0)
+    tokens = token_stream(TOTAL, 8)
+    logits = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    base = NgramTilt(config, tokens, "cpu")
+    for t in rng.choice(np.flatnonzero(base.beta.numpy() > 0), 6, replace=False):
+        position = torch.tensor([int(t)])
+        before = base.distribution(logits, position)
+        for candidate in (0, 3, 7):
+            stream = tokens.clone()
+            stream[t + 1] = candidate
+            after = NgramTilt(config, stream, "cpu").distribution(logits, position)
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+        assert float(before.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_c3_lora_ttt_trains_only_on_scored_positions():
+    """Every LoRA step and every global-phase step trains on positions (whose next token is
+    the target) that were scored before the step."""
+    config = frontier_config(tilt_enabled=False)
+    tokens = frontier_stream()
+    scored: set[int] = set()
+    steps = []
+
+    def on_train(positions):
+        trained = set(positions.tolist())
+        assert trained and trained <= scored, sorted(trained - scored)[:5]
+        steps.append(len(trained))
+
+    eval_val_lora_ttt(config, copy.deepcopy(tiny_model(config)), tokens, synthetic_byte_tables(1024), CPU,
+                      on_score=lambda pos, nll: scored.update(pos.tolist()), on_train=on_train)
+    assert len(steps) > 10 and max(steps) >= 32  # LoRA steps and the global phase's steps
+
+
+def test_c4_lora_ttt_scores_each_position_exactly_once():
+    config = frontier_config(tilt_enabled=False, lora_ttt_lr=0.0, lora_ttt_phases=0)
+    for total in (FRONTIER_TOTAL, 157):
+        tokens = frontier_stream(total)
+        counts = np.zeros(total + 8, dtype=int)
+        result = eval_val_lora_ttt(config, tiny_model(config), tokens, synthetic_byte_tables(1024), CPU,
+                                   on_score=lambda pos, nll: np.add.at(counts, pos.numpy(), 1))
+        assert (counts[:total] == 1).all() and counts[total:].sum() == 0
+        assert result.result.tokens == total
+
+
+def test_ttt_compile_warmup_uses_random_tokens_and_leaves_weights_alone():
+    """#1530: the warm-up must not read validation data. The compiled path is forced on CPU
+    with a recording forward: its inputs are the seeded random batch whatever the stream."""
+    config = tiny_eval_config()
+    model = tiny_model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = TTTTrainer(config, model, CPU, compile=False)
+    seen = []
+
+    def recording_forward(x, y):
+        seen.append((x.clone(), y.clone()))
+        return model(x, y)
+
+    trainer.compiled, trainer.forward = True, recording_forward
+    trainer.warmup({2, 3})
+    x, y = warmup_tokens(2, config.eval_seq_len, config.vocab_size, "cpu")
+    assert [s[0].shape[0] for s in seen] == [2, 3]
+    assert torch.equal(seen[0][0], x) and torch.equal(seen[0][1], y)
+    assert len(torch.unique(x)) > config.eval_seq_len  # random ids, not a constant or a stream
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())

@@ -92,6 +92,44 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
         offset += p.numel()
 
 
+def warmup_tokens(batch: int, seq_len: int, vocab_size: int, device, seed: int = 0):
+    """(x, y) int64 [batch, seq_len] of uniform random token ids from a fixed seed: the
+    compile warm-up's inputs, which by construction carry no validation data (#1530)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (2, batch, seq_len), generator=generator)
+    return tokens[0].to(device), tokens[1].to(device)
+
+
+class PhaseTimer:
+    """Summed wall time of labelled phases without host syncs inside the loop: CUDA events
+    read once in `totals` on CUDA, perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spans: dict[str, list] = {}
+        self.open: dict[str, object] = {}
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, label: str) -> None:
+        self.open[label] = self._now()
+
+    def stop(self, label: str) -> None:
+        self.spans.setdefault(label, []).append((self.open.pop(label), self._now()))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per label (synchronizes once on CUDA)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1000.0 for k, v in self.spans.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self.spans.items()}
+
+
 class TTTTrainer:
     """The training half of TTT: one SGD(momentum) optimizer over all parameters and a
     (optionally compiled) forward `model(x, y) -> mean CE` under bf16 autocast."""
@@ -107,15 +145,16 @@ class TTTTrainer:
         self.optimizer = torch.optim.SGD(self.params, lr=config.ttt_lr, momentum=config.ttt_momentum)
 
     def warmup(self, batch_sizes: set[int]) -> None:
-        """Compile the train-mode forward/backward for each minibatch size on token id 0
-        without stepping the optimizer (gradients are dropped); no-op when not compiled."""
+        """Compile the train-mode forward/backward for each minibatch size on seeded random
+        tokens (`warmup_tokens`: never validation data, #1530) without stepping the optimizer
+        (gradients are dropped); no-op when not compiled."""
         if not self.compiled:
             return
         self.model.train()
         for size in sorted(batch_sizes):
-            x = torch.zeros(size, self.config.eval_seq_len, dtype=torch.int64, device=self.ctx.device)
-            with autocast_context(self.ctx.device):  # distinct tensors: aliasing is guarded
-                loss = self.forward(x, torch.zeros_like(x))
+            x, y = warmup_tokens(size, self.config.eval_seq_len, self.config.vocab_size, self.ctx.device)
+            with autocast_context(self.ctx.device):
+                loss = self.forward(x, y)
             loss.backward()
         for p in self.params:
             p.grad = None
@@ -186,14 +225,19 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
 
         progress = tqdm(total=num_chunks, desc="TTT chunks", unit="chunk", leave=False)
     diagnostic_seconds = 0.0
+    timer = PhaseTimer(device)  # score / train split of the loop, for the budget planner
+    score_batches = train_sequences = train_steps = 0
     synchronize(device)
     t0 = time.perf_counter()
     for ci in range(num_chunks):
         chunk_start, chunk_end = ci * chunk_tokens, min((ci + 1) * chunk_tokens, total)
         first, end = dist.contiguous_share(int(bounds[ci + 1] - bounds[ci]), ctx.rank, ctx.world_size)
         model.eval()
+        timer.start("score")
         scorer.score(int(bounds[ci]) + first, int(bounds[ci]) + end, chunk_sums[ci], nll_out=nll_out,
                      mixture=mixture, mix_out=mix_out, on_score=on_score)
+        timer.stop("score")
+        score_batches += -(-(end - first) // scorer.batch_seqs)
         if mixture is not None:
             mixture.advance(chunk_end)
         if ci == num_chunks - 1 or config.ttt_epochs <= 0:
@@ -201,7 +245,11 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
                 progress.update(1)
             continue
         lrs[ci] = chunk_learning_rate(config, ci, num_chunks)
-        _train_on_chunk(config, model, trainer, tokens, chunk_start, chunk_end, lrs[ci], ctx, on_train)
+        timer.start("train")
+        sequences, steps = _train_on_chunk(config, model, trainer, tokens, chunk_start, chunk_end, lrs[ci],
+                                           ctx, on_train)
+        timer.stop("train")
+        train_sequences, train_steps = train_sequences + sequences, train_steps + steps
         if after_sums is not None:  # diagnostic only: re-scores the chunk, never enters the score
             diagnostic_seconds += _rescore(model, scorer, int(bounds[ci]) + first,
                                            int(bounds[ci]) + end, after_sums[ci], device)
@@ -222,7 +270,8 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
                            lrs, chunk_tokens, total)
     extra = {"compile_seconds": compile_seconds, "num_chunks": num_chunks,
              "diagnostic_seconds": diagnostic_seconds,
-             "mixture_seconds": scorer.mixture_seconds - mixture_seconds_before}
+             "mixture_seconds": scorer.mixture_seconds - mixture_seconds_before,
+             **phase_counts(timer, score_batches, train_sequences, train_steps)}
     return _ttt_result(chunk_sums, chunks, nll_out, mix_out, seconds, total, ctx, extra)
 
 
@@ -243,17 +292,21 @@ def _warm_up(config: Config, model, scorer: WindowScorer, trainer: TTTTrainer, n
 
 
 def _train_on_chunk(config: Config, model, trainer: TTTTrainer, tokens: torch.Tensor, chunk_start: int,
-                    chunk_end: int, lr: float, ctx, on_train: Callable | None) -> None:
+                    chunk_end: int, lr: float, ctx, on_train: Callable | None) -> tuple[int, int]:
     """`ttt_epochs` passes of SGD over this rank's minibatches of the already scored chunk; every
-    rank takes the same number of synchronous steps (an empty range where it has fewer)."""
+    rank takes the same number of synchronous steps (an empty range where it has fewer).
+    Returns (sequences trained on, optimizer steps) of this rank."""
     ranges = training_minibatches(config, chunk_start, chunk_end, ctx.rank, ctx.world_size)
     steps = max(len(training_minibatches(config, chunk_start, chunk_end, r, ctx.world_size))
                 for r in range(ctx.world_size))  # same synchronous step count on every rank
     model.train()
+    sequences = 0
     for _ in range(config.ttt_epochs):
         for index in range(steps):
             start, stop = ranges[index] if index < len(ranges) else (chunk_start, chunk_start)
             trainer.step(tokens, start, stop, lr, on_train=on_train)
+            sequences += (stop - start) // config.eval_seq_len
+    return sequences, config.ttt_epochs * steps
 
 
 def _rescore(model, scorer: WindowScorer, first: int, end: int, sums: torch.Tensor, device) -> float:
@@ -283,6 +336,13 @@ def _ttt_result(chunk_sums: torch.Tensor, chunks: list[dict], nll_out: torch.Ten
                      nll=None if nll is None else nll[:total].astype(np.float64),
                      nll_mix=None if nll_mix is None else nll_mix[:total].astype(np.float64),
                      mix=mix, extra=extra)
+
+
+def phase_counts(timer: PhaseTimer, score_batches: int, train_sequences: int, train_steps: int) -> dict:
+    """This rank's score/train seconds and work counts (the planner's measured costs)."""
+    totals = timer.totals()
+    return {"score_seconds": totals.get("score", 0.0), "train_seconds": totals.get("train", 0.0),
+            "score_batches": score_batches, "train_sequences": train_sequences, "train_steps": train_steps}
 
 
 def reduce_to_main(buffer: torch.Tensor, ctx) -> np.ndarray | None:
