@@ -75,6 +75,13 @@ class Config:
     eval_seq_len: int = 2048
     val_loss_every: int = 4000
     sliding_window_enabled: bool = True
+    # Resumable training: write a checkpoint every this many wall seconds (0 = off; writing one
+    # costs wall clock, so the contest presets leave it off) ...
+    checkpoint_every_seconds: float = 0.0
+    checkpoint_every_steps: int = 0  # ... and/or every this many steps (0 = off; tests)
+    # Flag the run as stalled when this many consecutive logged train losses sit within 0.01 of
+    # ln(vocab_size), the uniform predictor's loss (0 = never).
+    stall_steps: int = 20
 
     # ---- model (SPEC 2) -----------------------------------------------------------------
     vocab_size: int = 8192
