@@ -8,8 +8,13 @@ grad_accum = micro_batches_per_step / world_size micro-steps per optimizer step 
 gradients only on the last one. The LR follows the *wall clock*, not the step count
 (`parlm.train.optim.lr_multiplier` of frac = elapsed / budget), because the challenge limits time:
 a faster step buys more steps, not a different schedule. Budget = max_wallclock_seconds minus
-the GPTQ reserve (the quantizer's Hessian pass is charged to training time); validation and
-the compile warmup are not counted. Depth recurrence switches on at frac >= enable_looping_at.
+the GPTQ reserve (the quantizer's Hessian pass is charged to training time); validation,
+checkpoints and the compile warmup are not counted. With max_wallclock_seconds <= 0 the run
+stops on the step count and frac = step / iterations (the reference's rule without a cap), so
+it repeats exactly on any machine. Depth recurrence switches on at frac >= enable_looping_at.
+
+A killed run resumes from its last checkpoint (`parlm.train.checkpoint`; checkpoint_every_seconds
+or checkpoint_every_steps), bit-identically in step-count mode.
 
 Outputs in the run folder: `train.log`, `metrics.jsonl` (stage "train": step, train_loss,
 lr_scale, tok_per_sec (cumulative), tok_per_sec_interval, looping, memory_mib; stage "val":
@@ -18,7 +23,6 @@ step, val_loss, val_bpb), `final_model.pt` (the EMA weights as a state dict) and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -31,20 +35,19 @@ import torch
 
 from parlm import dist, pipeline, runlog
 from parlm.quant.artifact import CHECKPOINT_NAME
-from parlm.config import Config, ConfigError, add_config_arguments, compile_enabled, config_from_arguments
-from parlm.data.loader import ShuffledSequenceLoader
+from parlm.config import Config, ConfigError, add_config_arguments, config_from_arguments
 from parlm.data.shards import load_validation_tokens
 from parlm.data.tokenizer import ByteTables
-from parlm.eval.scoring import autocast_context, eval_val
-from parlm.model.gpt import build_model
-from parlm.train.optim import Optimizers, lr_multiplier, muon_momentum
+from parlm.eval.scoring import eval_val
+from parlm.train.optim import lr_multiplier
 from parlm.train.checkpoint import (checkpoint_dir, find_checkpoint, load_checkpoint,
                                    remove_checkpoints, restore_checkpoint, save_checkpoint)
 from parlm.train.checks import check_inputs, clear_unfinished_attempt, restart_command
 from parlm.train.state import (STALL_TOLERANCE_NATS, DeviceFlagPoller, ExponentialMovingAverage,
                                InsufficientMemoryError, LoopState, LossStall, StepTimer,
-                               TrainingDiverged, TrainingSnapshot, is_out_of_memory,
-                               steady_state_rate)
+                               TrainingDiverged, steady_state_rate)
+# Re-exported: benchmarks/train_speed.py builds the same Trainer.
+from parlm.train.trainer import Trainer, configure_cuda_math, memory_mib, synchronize  # noqa: F401
 
 # Steps left out at the start of each phase (before / after looping) when measuring the
 # steady-state throughput: the first steps after a start or a schedule switch warm caches.
@@ -67,170 +70,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def configure_cuda_math() -> None:
-    """TF32 matmuls and convolutions, fp32 matmul precision "high" (SPEC 3.1), and Inductor's
-    mix-order reduction off.
-
-    Why the last one: Inductor (torch 2.11) fuses each RMSNorm backward (a row reduction) with
-    the gradients of the per-channel control vectors (column reductions over B*T rows) into
-    "mix-order" kernels; on the default model three of them took 53-59 ms per step each on an
-    H100. With them off the same compiled step measured 1,055k tok/s before looping and 698k
-    after (937k / 617k with them on), peak memory 38.8 GiB (benchmarks/model_step_speed.py,
-    1xH100, 2026-11-26)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
-    import torch._inductor.config as inductor_config
-
-    if hasattr(inductor_config.triton, "mix_order_reduction"):
-        inductor_config.triton.mix_order_reduction = False
-
-
-def memory_mib(device: torch.device) -> float:
-    """Peak memory so far in MiB: CUDA max allocated, or this process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-# ----------------------------------------------------------------------------------------
-class Trainer:
-    """The model (compiled, DDP-wrapped when distributed), its optimizers, the data stream and
-    one optimizer step (SPEC 3.5 steps 1-4). `train_run` drives it; the speed benchmark too."""
-
-    def __init__(self, config: Config, ctx: dist.DistContext):
-        self.config, self.ctx = config, ctx
-        self.device = ctx.device
-        self.grad_accum_steps = config.grad_accum_steps(ctx.world_size)
-        self.base_model = build_model(config, self.device)
-        self.compiled = compile_enabled(config, self.device)
-        if self.compiled:
-            # DDP's graph splitting is off (SPEC 3.1): the whole model stays one graph.
-            torch._dynamo.config.optimize_ddp = False
-            self.compiled_model = torch.compile(self.base_model, dynamic=False, fullgraph=True)
-        else:
-            self.compiled_model = self.base_model
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [ctx.local_rank] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.compiled_model, device_ids=device_ids,
-                                                 broadcast_buffers=False)
-        else:
-            self.model = self.compiled_model
-        # Plain validation: eager unless eval_compile_plain (its own compile costs more than
-        # it saves on a once-per-run pass).
-        self.eval_model = self.compiled_model if config.eval_compile_plain else self.base_model
-        self.optimizers = Optimizers(config, self.base_model)
-        self.parameters = [p for p in self.base_model.parameters() if p.requires_grad]
-        self.loader = self.new_loader()
-        self.phase = "setup"
-        self.micro_batch_sequences = self.loader.batch_size(config.train_batch_tokens, self.grad_accum_steps)
-
-    def new_loader(self):
-        """A fresh data stream; it restarts from the same first batch (seeded sampler)."""
-        return ShuffledSequenceLoader(self.config, self.ctx.rank, self.ctx.world_size, self.device)
-
-    @property
-    def looping(self) -> bool:
-        return bool(self.base_model.looping_active)
-
-    def set_looping(self, active: bool) -> None:
-        self.base_model.looping_active = bool(active)
-
-    def step(self, step: int, lr_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the global batch; returns (mean micro-batch loss, gradient
-        norm before clipping) as device tensors, without synchronising.
-
-        loss/grad_accum is backpropagated per micro-batch; then Muon momentum = muon_momentum(step),
-        every group's lr = peak lr * lr_scale, clip the global grad norm at grad_clip_norm, step."""
-        config = self.config
-        self.optimizers.zero_grad_all()
-        train_loss = torch.zeros((), device=self.device)
-        for micro_step in range(self.grad_accum_steps):
-            if self.ctx.distributed:
-                self.model.require_backward_grad_sync = micro_step == self.grad_accum_steps - 1
-            x, y = self.loader.next_batch(config.train_batch_tokens, self.grad_accum_steps)
-            with autocast_context(self.device):
-                loss = self.model(x, y)
-            train_loss += loss.detach()
-            (loss / self.grad_accum_steps).backward()
-        train_loss /= self.grad_accum_steps
-        self.optimizers.set_schedule(lr_scale, muon_momentum(config, step))
-        max_norm = config.grad_clip_norm if config.grad_clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
-        self.optimizers.step()
-        return train_loss, grad_norm
-
-    def compile_warmup(self, log=print) -> float:
-        """SPEC 3.6: snapshot, `warmup_steps` plain then `warmup_steps` looped real steps (both
-        graphs compile), then restore weights, optimizer states and RNG exactly, zero the grads
-        and restart the data stream. Returns its wall seconds (not part of the budget)."""
-        warmup_steps = self.config.warmup_steps
-        if warmup_steps <= 0:
-            return 0.0
-        _synchronize(self.device)
-        start = time.perf_counter()
-        snapshot = TrainingSnapshot.capture(self.base_model, self.optimizers)
-        self.model.train()
-        phases = [("warmup_step", False)]
-        if self.config.num_loops > 0:
-            phases.append(("loop_warmup_step", True))
-        for label, looping in phases:
-            self.set_looping(looping)
-            if looping:
-                log(f"loop_warmup:enabled encoder:{self.base_model.encoder_indices} "
-                    f"decoder:{self.base_model.decoder_indices}")
-            for index in range(warmup_steps):
-                self.phase = f"compile warmup ({label} {index + 1}/{warmup_steps})"
-                self.step(index, 1.0)
-                if index <= 5 or (index + 1) % 10 == 0 or index + 1 == warmup_steps:
-                    log(f"{label}: {index + 1}/{warmup_steps}")
-        self.set_looping(False)
-        snapshot.restore(self.base_model, self.optimizers)
-        self.optimizers.zero_grad_all()
-        if self.ctx.distributed:
-            self.model.require_backward_grad_sync = True
-        self.loader = self.new_loader()
-        _synchronize(self.device)
-        return time.perf_counter() - start
-
-    @contextlib.contextmanager
-    def out_of_memory_explained(self, log=print):
-        """Run the body; a CUDA/CPU out-of-memory inside it becomes InsufficientMemoryError."""
-        try:
-            yield
-        except Exception as error:  # noqa: BLE001 - only OOM is translated
-            if is_out_of_memory(error):
-                memory_error = self.memory_error(error)
-                log(str(memory_error))
-                raise memory_error from error
-            raise
-
-    def memory_error(self, error: BaseException) -> InsufficientMemoryError:
-        """The OOM message: where it happened, the per-rank micro-batch shape, how to shrink it."""
-        config, ctx = self.config, self.ctx
-        total = ""
-        if self.device.type == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            total = f" on a {props.total_memory / 2**30:.1f} GiB {props.name}"
-        sequences = self.micro_batch_sequences
-        return InsufficientMemoryError(
-            f"out of memory during {self.phase}{total}: each of the {ctx.world_size} process(es) "
-            f"runs micro-batches of {sequences} sequences x {config.train_seq_len} tokens "
-            f"(train_batch_tokens={config.train_batch_tokens} split into {self.grad_accum_steps} "
-            f"micro-step(s) per rank). Shrink the micro-batch: --set micro_batches_per_step="
-            f"{2 * config.micro_batches_per_step} keeps the global batch with twice the "
-            f"accumulation; or lower train_batch_tokens / train_seq_len, or use more GPUs.")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,12 +110,12 @@ class TimedLoop:
 
     # ---- the training clock --------------------------------------------------------------
     def start_clock(self) -> None:
-        _synchronize(self.device)
+        synchronize(self.device)
         self.clock_start = time.perf_counter()
         self.timer.resume()
 
     def stop_clock(self) -> None:
-        _synchronize(self.device)
+        synchronize(self.device)
         self.state.training_ms += 1000.0 * (time.perf_counter() - self.clock_start)
 
     def elapsed_ms(self) -> float:
@@ -318,7 +157,7 @@ class TimedLoop:
                     self.stop_clock()
                     self.checkpoint()
                     self.start_clock()
-        _synchronize(self.device)
+        synchronize(self.device)
         self.record_health(not self.ema.is_healthy())
         if state.diverged:
             self.stop_clock()
