@@ -357,8 +357,9 @@ class TimedLoop:
         message = (f"training diverged: non-finite loss/gradient/weights at step {bad_step}; the EMA "
                    f"of the steps before it was saved as {run_dir / CHECKPOINT_NAME} "
                    f"(train.json diverged=true). Lower the learning rates (matrix_lr, scalar_lr, "
-                   f"tied_embed_lr) or grad_clip_norm and train this seed again: "
-                   f"{restart_command(run_dir, self.config)}")
+                   f"tied_embed_lr) or grad_clip_norm and train this seed again, keeping its data "
+                   f"(or start over: the same command with a new --run-id and without "
+                   f"--restart-stage): {restart_command(run_dir, self.config)}")
         self.log(message)
         dist.barrier()
         raise TrainingDiverged(message, bad_step)
