@@ -30,10 +30,12 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    """<run_dir>/train_checkpoint, where a resumable run keeps its checkpoint."""
     return Path(run_dir) / CHECKPOINT_DIR
 
 
 def rank_file(run_dir: str | os.PathLike, step: int, rank: int) -> Path:
+    """The checkpoint file of one rank at one step."""
     return checkpoint_dir(run_dir) / f"step_{step:07d}.rank{rank}.pt"
 
 

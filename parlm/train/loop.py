@@ -110,11 +110,13 @@ class TimedLoop:
 
     # ---- the training clock --------------------------------------------------------------
     def start_clock(self) -> None:
+        """Training time counts again from now (after setup, validation or a checkpoint)."""
         synchronize(self.device)
         self.clock_start = time.perf_counter()
         self.timer.resume()
 
     def stop_clock(self) -> None:
+        """Add the time since `start_clock` to the training clock (queued GPU work included)."""
         synchronize(self.device)
         self.state.training_ms += 1000.0 * (time.perf_counter() - self.clock_start)
 
@@ -163,11 +165,13 @@ class TimedLoop:
             self.stop_clock()
 
     def is_last_step(self) -> bool:
+        """step == iterations, or the step that crossed the wallclock budget was reached."""
         state = self.state
         return state.step == self.config.iterations or (
             state.stop_after_step is not None and state.step >= state.stop_after_step)
 
     def validation_due(self) -> bool:
+        """Every val_loss_every steps (step 0 included; 0 = only at the end)."""
         every = self.config.val_loss_every
         return every > 0 and self.state.step % every == 0
 
@@ -183,6 +187,7 @@ class TimedLoop:
                            seconds=result.seconds, train_time_ms=state.training_ms)
 
     def note_early_stop(self) -> None:
+        """Log a stop by the wallclock cap before the step count."""
         state = self.state
         if state.stop_after_step is not None and state.step < self.config.iterations:
             self.log(f"stopping_early: wallclock_cap train_time: {state.training_ms:.0f}ms "
@@ -222,6 +227,7 @@ class TimedLoop:
         self.state.diverged = self.state.diverged or bool(diverged)
 
     def log_due(self, reached_cap: bool) -> bool:
+        """Steps 1-5, every train_log_every steps, the step that hit the cap and the last one."""
         step, every = self.state.step, self.config.train_log_every
         return every > 0 and (step <= 5 or step % every == 0 or reached_cap
                               or step == self.config.iterations)
@@ -250,6 +256,9 @@ class TimedLoop:
 
     # ---- checkpoints (resumable training) ------------------------------------------------
     def checkpoint_due(self) -> bool:
+        """Every checkpoint_every_steps steps or checkpoint_every_seconds wall seconds since
+        the last one (this rank's view; `stop_decision` makes the ranks agree), never at the
+        last step."""
         config, step = self.config, self.state.step
         if step == config.iterations:  # training ends now; nothing left to resume
             return False

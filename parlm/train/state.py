@@ -299,6 +299,7 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoopState":
+        """The state `to_dict` returned."""
         values = dict(data)
         values["stall"] = LossStall(**values["stall"])
         return cls(**values)
