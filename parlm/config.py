@@ -118,6 +118,13 @@ class Config:
     train_seq_schedule: str = ""
     # Steps of linear LR re-warmup after each context change (#2014 SEQ_CHANGE_WARMUP_STEPS).
     seq_change_warmup_steps: int = 0
+    # Resumable training: write a checkpoint every this many wall seconds (0 = off; writing one
+    # costs wall clock, so the contest presets leave it off) ...
+    checkpoint_every_seconds: float = 0.0
+    checkpoint_every_steps: int = 0  # ... and/or every this many steps (0 = off; tests)
+    # Flag the run as stalled when this many consecutive logged train losses sit within 0.01 of
+    # ln(vocab_size), the uniform predictor's loss (0 = never).
+    stall_steps: int = 20
 
     # ---- model (SPEC 2) -----------------------------------------------------------------
     vocab_size: int = 8192
@@ -532,6 +539,9 @@ FIELD_RULES: dict[str, Allowed] = {
     "rope_precision": one_of(*ROPE_PRECISIONS),
     "text_transform": one_of("none", "caseops"),
     "seq_change_warmup_steps": at_least(0),
+    "checkpoint_every_seconds": at_least(0.0),
+    "checkpoint_every_steps": at_least(0),
+    "stall_steps": at_least(0),
     "gate_window": COUNT,
     "sparse_attn_gate_scale": above(0.0),
     "muon_newton_schulz_coefficients": one_of(*MUON_NEWTON_SCHULZ_COEFFICIENTS),

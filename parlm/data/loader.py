@@ -120,6 +120,26 @@ class ShuffledSequenceLoader:
         if self.remaining.sum() == 0:
             self._reset_all()
 
+    def state_dict(self) -> dict:
+        """Where the stream stands: the generator state, every shard's remaining windows
+        (phase and permutation included) and the epoch count. `load_state_dict` of it makes
+        the following batches those the original loader would have drawn."""
+        return {"rng": self.rng.bit_generator.state, "epochs": self.epochs,
+                "remaining": self.remaining.copy(),
+                "start_inds": [inds.copy() for inds in self.start_inds],
+                "files": [str(path) for path in self.files], "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream of `state_dict()` (the same shard files, in the same order)."""
+        if state["files"] != [str(path) for path in self.files]:
+            raise ValueError(f"loader state was saved for shards {state['files']}, "
+                             f"this loader reads {[str(p) for p in self.files]}")
+        self.rng.bit_generator.state = state["rng"]
+        self.seq_len = int(state.get("seq_len", self.seq_len))  # progressive context (#2014)
+        self.epochs = int(state["epochs"])
+        self.remaining = np.asarray(state["remaining"], dtype=np.int64).copy()
+        self.start_inds = [np.asarray(inds, dtype=np.int64).copy() for inds in state["start_inds"]]
+
     def batch_size(self, global_tokens: int, grad_accum_steps: int) -> int:
         """Sequences per rank per micro-step: global_tokens // (world_size*grad_accum) // seq_len."""
         device_tokens = global_tokens // (self.world_size * grad_accum_steps)

@@ -8,8 +8,10 @@ its divergence bookkeeping on the device, and step times are CUDA events read at
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -184,10 +186,12 @@ class StepTimer:
     (or the last `resume()`, called after anything that is not training, e.g. validation) to
     its own. On CPU the same with perf_counter. `durations_ms()` resolves them at the end."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, earlier: list[tuple[float, bool]] | None = None):
         self.cuda = torch.device(device).type == "cuda"
         self.intervals: list[tuple[object, object, bool]] = []
         self.start = None
+        # Resolved durations of the steps before a resume (from the checkpoint).
+        self.earlier = list(earlier or [])
 
     def _mark(self):
         if self.cuda:
@@ -206,11 +210,11 @@ class StepTimer:
         self.start = end
 
     def durations_ms(self) -> list[tuple[float, bool]]:
-        """[(milliseconds, looping)] per recorded step, in order."""
+        """[(milliseconds, looping)] per recorded step, in order (steps before a resume first)."""
         if self.cuda:
             torch.cuda.synchronize()
-            return [(start.elapsed_time(end), loop) for start, end, loop in self.intervals]
-        return [(1000.0 * (end - start), loop) for start, end, loop in self.intervals]
+            return self.earlier + [(start.elapsed_time(end), loop) for start, end, loop in self.intervals]
+        return self.earlier + [(1000.0 * (end - start), loop) for start, end, loop in self.intervals]
 
 
 def steady_state_rate(durations: list[tuple[float, bool]], looping: bool, tokens_per_step: int,
@@ -228,3 +232,75 @@ def steady_state_rate(durations: list[tuple[float, bool]], looping: bool, tokens
     if seconds <= 0:
         return None, 0
     return tokens_per_step * len(used) / seconds, len(used)
+
+
+# ----------------------------------------------------------------------------------------
+# The timed loop's state
+
+# A logged train loss within this many nats of ln(vocab_size) counts as the uniform predictor's.
+STALL_TOLERANCE_NATS = 0.01
+
+
+@dataclass
+class LossStall:
+    """Watches the logged train losses for a run stuck at the uniform predictor:
+    |loss - ln(vocab_size)| <= STALL_TOLERANCE_NATS on `steps` consecutive logged steps flags
+    the run (steps <= 0 never does). `flagged_steps` is [first, last] step of the first such
+    stretch, extended while it lasts; `streak_start`/`streak` track the current stretch."""
+
+    steps: int
+    uniform_loss: float
+    streak_start: int | None = None
+    streak: int = 0
+    flagged_steps: list[int] | None = None
+
+    def observe(self, step: int, loss: float) -> bool:
+        """Record one logged loss; True exactly when this observation flags the run."""
+        if not abs(loss - self.uniform_loss) <= STALL_TOLERANCE_NATS:  # NaN is not a stall
+            self.streak_start, self.streak = None, 0
+            return False
+        if self.streak == 0:
+            self.streak_start = step
+        self.streak += 1
+        if self.steps <= 0 or self.streak < self.steps:
+            return False
+        if self.flagged_steps is None:
+            self.flagged_steps = [self.streak_start, step]
+            return True
+        if self.flagged_steps[0] == self.streak_start:  # the flagged stretch goes on
+            self.flagged_steps[1] = step
+        return False
+
+
+@dataclass
+class LoopState:
+    """Everything the timed loop (SPEC 3.5) carries from one step to the next; the checkpoint
+    of a resumable run stores it whole.
+
+    `training_ms` is the training clock: wall time of training steps only (validation,
+    checkpoints and the compile warmup are outside it). `stop_after_step` is set at the step
+    that crossed the wallclock budget; `diverged` is set in one place, `TimedLoop.record_health`."""
+
+    step: int = 0
+    training_ms: float = 0.0
+    stop_after_step: int | None = None
+    looping_step: int | None = None
+    seq_change_step: int | None = None  # progressive context (#2014): step of the last length change
+    diverged: bool = False
+    live_val_loss: float | None = None
+    live_val_bpb: float | None = None
+    last_log_step: int = 0
+    last_log_ms: float = 0.0
+    resumed_from_step: int | None = None
+    stall: LossStall = field(default_factory=lambda: LossStall(0, math.log(2)))
+
+    def to_dict(self) -> dict:
+        """Plain Python values (for the checkpoint)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoopState":
+        """The state `to_dict` returned."""
+        values = dict(data)
+        values["stall"] = LossStall(**values["stall"])
+        return cls(**values)
