@@ -186,7 +186,7 @@ def test_parlm_eval_cli_stops_with_one_line_naming_the_file(seed_copy):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"parlm.eval: error: {run_dir / ARTIFACT_NAME}: has ")
+    assert lines[0].startswith(f"python -m parlm.eval: error: {run_dir / ARTIFACT_NAME}: has ")
     assert "rebuild it" in lines[0]
     assert (run_dir / "eval.json").read_bytes() == eval_before  # the finished result is untouched
 
@@ -270,5 +270,5 @@ def test_out_of_vocab_shard_fails_the_data_stage_and_the_check_before_training(d
         check_inputs(config, 1)
     assert str(caught.value) == expected
     assert train_main(["--run-dir", str(run_dir)]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"parlm.train: error: {expected}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m parlm.train: error: {expected}"
     assert not (run_dir / "train.log").exists() and not (run_dir / CHECKPOINT_NAME).exists()

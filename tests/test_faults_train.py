@@ -96,7 +96,7 @@ def test_two_step_count_runs_write_identical_train_json(pattern_config, tmp_path
 
 def test_divergence_message_gives_a_restart_command_that_works(pattern_config, tmp_path):
     run_dir = tmp_path / "runs" / "lrtest" / "seed_1337"
-    config = pattern_config.replace(iterations=3, val_loss_every=0, tied_embed_lr=float("inf"),
+    config = pattern_config.replace(iterations=3, val_loss_every=0, tied_embed_lr=1e30,
                                     matrix_lr=0.04, seed=1337, val_max_tokens=512)
     # What parlm.run records about the invocation that made the run.
     runlog.write_json(tmp_path / "runs" / "lrtest" / "run-20260101-000000-1.json",
@@ -111,7 +111,7 @@ def test_divergence_message_gives_a_restart_command_that_works(pattern_config, t
     assert flags["--seeds"] == "1337" and flags["--run-id"] == "lrtest"
     assert flags["--runs-dir"] == str(tmp_path / "runs") and words[-2:] == ["--restart-stage", "train"]
     sets = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
-    # Halved finite rates, the reference default for the infinite one, earlier overrides kept.
+    # Halved rates, the reference default for the absurd one, earlier overrides kept.
     assert sets == ["iterations=3", "matrix_lr=0.02", "scalar_lr=0.01", "tied_embed_lr=0.03"]
 
     lowered = config.replace(**parse_overrides(sets))

@@ -30,6 +30,7 @@ RANKS = {
     "parlm.report": 8,  # writes the submission folder of a run
     "parlm.pipeline": 9,
     "parlm.run": 10,
+    "parlm.ablate": 10,  # drives parlm.run per (variant, seed), as parlm.run drives the pipeline
 }
 # `python -m parlm.<stage>` entry points: nothing imports them, so they rank with parlm.run.
 ENTRY_POINT_RANK = 10

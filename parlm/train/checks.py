@@ -156,15 +156,17 @@ def restart_training(run_dir: str | os.PathLike, overrides: dict) -> Config:
 
 
 def restart_command(run_dir: str | os.PathLike, config: Config) -> str:
-    """The command that trains this seed again with halved learning rates (a non-finite rate
-    gets the reference default): parlm.run's `--restart-stage train` for this run id and seed,
+    """The command that trains this seed again with halved learning rates (a rate above ten
+    times the reference default gets the default instead, since halving it would diverge again):
+    parlm.run's `--restart-stage train` for this run id and seed,
     with the preset and overrides of the invocation that made the run (runs/<id>/run-*.json)."""
     run_dir = Path(run_dir)
     defaults = Config()
     lowered = {}
     for key in ("matrix_lr", "scalar_lr", "tied_embed_lr"):
         value = getattr(config, key)
-        lowered[key] = value / 2 if math.isfinite(value) and value > 0 else getattr(defaults, key)
+        default = getattr(defaults, key)
+        lowered[key] = value / 2 if 0 < value <= 10 * default else default
     invocation = _latest_invocation(run_dir.parent)
     preset = invocation.get("preset")
     earlier = [pair for pair in invocation.get("overrides") or []
