@@ -266,9 +266,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_ema(pattern_config, tmp_path)
     config = pattern_config.replace(iterations=20, val_loss_every=0, tied_embed_lr=1e30)
     with pytest.raises(TrainingDiverged, match="at step [12];") as caught:
         train_run(config, tmp_path / "run")
-    assert caught.value.step == 1
+    # A huge finite LR (non-finite rates are refused by the config) blows the weights up in the
+    # first update, so the loss is non-finite at step 1 or, at the latest, step 2.
+    assert caught.value.step in (1, 2)
     summary = runlog.read_json(tmp_path / "run" / "train.json")
-    assert summary["diverged"] is True and summary["diverged_step"] == 1 and summary["steps"] < 20
+    assert summary["diverged"] is True and summary["diverged_step"] == caught.value.step and summary["steps"] < 20
     state = torch.load(tmp_path / "run" / "final_model.pt")
     assert all(torch.isfinite(t.float()).all() for t in state.values())
     assert "training diverged" in (tmp_path / "run" / "train.log").read_text()
