@@ -39,6 +39,7 @@ from typing import Sequence
 
 from parlm import pipeline, runlog
 from parlm.config import PROJECT_ROOT, Config, ConfigError, checkout_kernel_name, parse_overrides
+from parlm.train.checks import restart_training
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 # OSError numbers of a folder that cannot be written: read-only, no permission, full, over quota.
@@ -84,6 +85,7 @@ class RunPlan:
     progress_bar: bool = True
     log_output: bool = False  # stream every cell's output (--verbose)
     keep_going: bool = False
+    restart_stage: str | None = None  # "train": train each seed again with the --set values
     seed_notebooks: tuple = SEED_NOTEBOOKS
     report_notebook: str | None = REPORT_NOTEBOOK  # None: no report notebook (tests)
 
@@ -232,7 +234,20 @@ def prepare_seed(plan: RunPlan, seed: int) -> Config:
     notebook starts, so a mismatched resume or a bad override fails at once."""
     config = pipeline.resolve_config(plan.preset, seed, plan.overrides)
     config.validate(world_size=plan.nproc)
-    return pipeline.prepare_run(config, plan.seed_dir(seed))
+    run_dir = plan.seed_dir(seed)
+    if plan.restart_stage == "train" and (run_dir / "config.yaml").exists():
+        restart_seed_training(plan, run_dir)
+    return pipeline.prepare_run(config, run_dir)
+
+
+def restart_seed_training(plan: RunPlan, run_dir: Path) -> None:
+    """`--restart-stage train`: clear the seed's training and every later stage (data stays),
+    write the --set values into its config.yaml (parlm.train.checks.restart_training refuses
+    data settings), and forget the notebooks from 03_train on so they run again."""
+    restart_training(run_dir, parse_overrides(plan.overrides))
+    stems = [stem for stem, _ in plan.seed_notebooks]
+    for stem in stems[stems.index("03_train"):]:
+        runlog.stage_marker(run_dir, notebook_marker(stem)).unlink(missing_ok=True)
 
 
 def stage_summary_line(stage: str | None, run_dir: Path) -> str:
@@ -369,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="stream every cell's output to the terminal (default: one line per "
                              "notebook, the progress bar and each stage's summary line)")
+    parser.add_argument("--restart-stage", choices=["train"], default=None,
+                        help="train each seed of an existing run again with the --set values "
+                             "(the divergence message prints this command); data stays")
     parser.add_argument("--quiet", action="store_true",
                         help="the default terminal output (kept for older command lines)")
     return parser
@@ -436,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = RunPlan(preset=args.preset, seeds=list(args.seeds),
                    run_id=args.run_id or default_run_id(args.preset),
                    runs_dir=Path(args.runs_dir).resolve(), overrides=list(args.overrides),
-                   nproc=args.nproc, baseline=args.baseline,
+                   nproc=args.nproc, baseline=args.baseline, restart_stage=args.restart_stage,
                    kernel_name=args.kernel or choose_kernel(), log_output=args.verbose,
                    keep_going=args.keep_going,
                    report_notebook=None if args.no_report else REPORT_NOTEBOOK)

@@ -241,3 +241,23 @@ def test_choose_kernel_returns_a_registered_kernel():
 
     assert run.choose_kernel() in KernelSpecManager().find_kernel_specs()
     assert sys.executable  # the fallback kernel is the environment's own python3
+
+
+def test_restart_stage_train_clears_training_and_later_notebooks(tmp_path, tiny_config):
+    """`parlm.run --restart-stage train`: the --set values land in config.yaml, the train and
+    later stages and notebooks 03-06 are forgotten, data and notebooks 01-02 stay."""
+    plan = run.RunPlan(preset="demo", seeds=[1], run_id="r", runs_dir=tmp_path,
+                       overrides=["matrix_lr=0.01"], restart_stage="train")
+    run_dir = plan.seed_dir(1)
+    run_dir.mkdir(parents=True)
+    tiny_config.replace(seed=1).save(run_dir / "config.yaml")
+    for stage in ("data", "train", "quant"):
+        runlog.mark_stage_done(run_dir, stage)
+    for stem, _ in plan.seed_notebooks:
+        runlog.mark_stage_done(run_dir, run.notebook_marker(stem))
+    run.restart_seed_training(plan, run_dir)
+    assert runlog.stage_done(run_dir, "data") and not runlog.stage_done(run_dir, "train")
+    assert not runlog.stage_done(run_dir, "quant")
+    kept = [stem for stem, _ in plan.seed_notebooks if runlog.stage_done(run_dir, run.notebook_marker(stem))]
+    assert kept == ["01_data", "02_model"]
+    assert pipeline.load_run_config(run_dir).matrix_lr == 0.01
