@@ -20,7 +20,7 @@ from parlm.train.checks import clear_training, restart_training
 from parlm.train.loop import train_run
 from parlm.train.state import TrainingDiverged
 
-from test_train import pattern_config  # noqa: F401 - the module-scoped fixture
+from test_train import one_thread, pattern_config  # noqa: F401 - the shared fixtures (one_thread is autouse)
 
 # train.json fields that measure time or memory, not what was trained.
 TIMING_FIELDS = {"train_seconds", "peak_memory_mib", "tok_per_sec_before_loop", "tok_per_sec_after_loop",
@@ -28,14 +28,6 @@ TIMING_FIELDS = {"train_seconds", "peak_memory_mib", "tok_per_sec_before_loop", 
                  "steady_state_steps", "compile_warmup_seconds", "prequant_seconds"}
 # metrics.jsonl fields of the same kind.
 TIMING_METRICS = {"time", "tok_per_sec", "tok_per_sec_interval", "memory_mib", "train_time_ms", "seconds"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def untimed_metrics(run_dir) -> list[dict]:

@@ -1,13 +1,7 @@
 """Sliding-window validation in bits per byte (SPEC 5.2); plain scoring (SPEC 5.1) is
 `parlm.model.validation.eval_val`.
 
-Bits per byte makes models with different tokenizers comparable: the summed negative
-log-likelihood of the validation tokens, in bits, divided by the number of UTF-8 bytes those
-tokens stand for (SPEC 1.6-1.7):
-
-    val_loss = sum(NLL nats) / N_tokens
-    val_bpb  = sum(NLL nats) / (ln 2 * sum(bytes(target | prev)))
-
+The BPB formula and why it is tokenizer-agnostic: `parlm.model.validation`.
 Sums are float64 and all-reduced across ranks; bytes come from the one byte counter,
 `ByteTables.count_bytes`. Score-first TTT (SPEC 5.3) lives in `parlm.eval.ttt`; `evaluate_run`
 (the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is implemented in
