@@ -12,13 +12,11 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
-from parlm import runlog
 from parlm.dist import NodeTopology, add_topology_arguments, launch_torchrun, topology_from_arguments
-from parlm.train.loop import train_run
 
 from test_train import synthetic_config
+from test_train_distributed import assert_matches_one_process
 
 
 def free_port() -> int:
@@ -71,18 +69,4 @@ def test_two_loopback_nodes_match_one_process(tiny_dataset_config, tmp_path):
     for thread in threads:
         thread.join(timeout=600)
     assert not errors, errors
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = train_run(config, tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads_before)
-    two = runlog.read_json(tmp_path / "two" / "train.json")
-    assert two["world_size"] == 2 and two["grad_accum_steps"] == 1 and single["grad_accum_steps"] == 2
-    losses_two = [r["train_loss"] for r in runlog.read_metrics(tmp_path / "two", "train")]
-    losses_one = [r["train_loss"] for r in runlog.read_metrics(tmp_path / "one", "train")]
-    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
-    a = torch.load(tmp_path / "one" / "final_model.pt")
-    b = torch.load(tmp_path / "two" / "final_model.pt")
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-4), name
+    assert_matches_one_process(config, tmp_path / "two", tmp_path)
