@@ -80,6 +80,25 @@ def last_rates(records: dict, world_size: int) -> tuple[float | None, float | No
     return rate_before, rate_after
 
 
+def steady_rates(records: dict, batch_tokens: int, skip: int = 5) -> dict[str, float | None]:
+    """Steady-state tok/s of each phase from a log's cumulative rates.
+
+    A cumulative rate R_s = s * batch_tokens / T_s at step s gives the elapsed training time
+    T_s = s * batch_tokens / R_s; over the steps [a, b] of one phase (its first `skip` steps
+    left out: compiles, the looping switch) the steady rate is (b - a) * batch_tokens / (T_b - T_a).
+    None for a phase with fewer than two steps left."""
+    out = {}
+    for name, looping in (("before_looping", False), ("after_looping", True)):
+        steps = sorted(s for s, r in records.items() if bool(r["looping"]) == looping)[skip:]
+        if len(steps) < 2:
+            out[name] = None
+            continue
+        first, last = steps[0], steps[-1]
+        elapsed = [step * batch_tokens / records[step]["tok_per_sec"] for step in (first, last)]
+        out[name] = (last - first) * batch_tokens / (elapsed[1] - elapsed[0])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base")

@@ -53,11 +53,15 @@ mkdir -p "$WORK/seed$SEED" && cd "$WORK/seed$SEED"
 env PYTHONPATH="$ROOT/benchmarks/fa3_sdpa_shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
   SEED=$SEED RUN_ID=reference_seed$SEED DATA_DIR="$WORK/data/" MAX_WALLCLOCK_SECONDS=$BUDGET \
   EMA_DECAY=0.97 WARMUP_STEPS=5 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1 PPM_ENABLED=0 $EVAL_ENV \
-  python3 "$script" > "$log" 2>&1 &
+  setsid python3 "$script" > "$log" 2>&1 &
 pid=$!
 echo "reference seed $SEED, ${BUDGET}s budget, EVALUATE=$EVALUATE: log $log"
+# The script runs its work in a child process (its bootstrap), which ignores a signal to the
+# parent: stop the whole process group (setsid made pid its leader) once the score is logged.
 while kill -0 "$pid" 2>/dev/null; do
-  if [ "$EVALUATE" != 1 ] && grep -q "pre-quantization post-ema" "$log"; then kill -INT "$pid"; break; fi
+  if [ "$EVALUATE" != 1 ] && grep -q "pre-quantization post-ema" "$log"; then
+    kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null; break
+  fi
   sleep 2
 done
 wait "$pid" || true

@@ -5,6 +5,14 @@ Each stage's `main()` is `stage_command(prog, description, stage_function, argv)
 flags, resolve the config (`config_from_arguments`: --config, else <run-dir>/config.yaml, else
 --preset, else the defaults; then --set), call `stage_function(config, run_dir)`. An expected
 error (a bad setting, a missing input) ends in one line and exit code 1.
+
+A distributed stage (train, eval) also takes `--nproc N` and torchrun's multi-node options
+(`--nnodes`, `--node-rank`, `--master-addr/--master-port` or `--rdzv-endpoint`): started outside
+torchrun with any of them, it starts itself under torchrun with them, so that on each of several
+machines `python -m parlm.train --run-dir DIR --nproc 8 --nnodes 2 --node-rank R --master-addr H`
+is the whole command.
+
+`add_run_arguments` holds the flags that `parlm.run` and `parlm.ablate` share.
 """
 from __future__ import annotations
 
@@ -19,22 +27,59 @@ from parlm.config import ConfigError, add_config_arguments, config_from_argument
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, FileExistsError)
 
 
-def stage_parser(prog: str, description: str, run_dir_help: str) -> argparse.ArgumentParser:
-    """The flags every stage takes: --run-dir and the shared --config/--preset/--set."""
+def stage_parser(prog: str, description: str, run_dir_help: str, distributed: bool = False) -> argparse.ArgumentParser:
+    """The flags every stage takes: --run-dir and the shared --config/--preset/--set; a
+    distributed stage also --nproc and the topology options (dist.add_topology_arguments)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--run-dir", required=True, help=run_dir_help)
     add_config_arguments(parser)
+    if distributed:
+        parser.add_argument("--nproc", type=int, default=None,
+                            help="processes (GPUs) on this machine: start under torchrun with them")
+        dist.add_topology_arguments(parser)
     return parser
+
+
+def torchrun_request(args) -> tuple[int, dist.NodeTopology] | None:
+    """(nproc, topology) when parsed stage flags ask for a torchrun start that has not happened
+    yet (--nproc, or more than one node, outside a torchrun worker), else None."""
+    if not hasattr(args, "nproc") or dist.torchrun_environment() is not None:
+        return None
+    topology = dist.topology_from_arguments(args)
+    if args.nproc is None and topology == dist.NodeTopology():
+        return None
+    return args.nproc or 1, topology
+
+
+def forwarded_arguments(args) -> list[str]:
+    """The stage's own flags again (--run-dir, --config, --preset, --set), for its workers."""
+    forwarded = ["--run-dir", str(args.run_dir)]
+    forwarded += ["--config", args.config] if args.config else []
+    forwarded += ["--preset", args.preset] if args.preset else []
+    return forwarded + [part for item in args.overrides for part in ("--set", item)]
 
 
 def stage_command(prog: str, description: str, stage_function: Callable, argv: Sequence[str] | None,
                   run_dir_help: str = "run folder (holds config.yaml and the stage's inputs)",
-                  user_errors: tuple[type[BaseException], ...] = ()) -> int:
+                  user_errors: tuple[type[BaseException], ...] = (), distributed: bool = False) -> int:
     """Parse `argv`, resolve the config, run `stage_function(config, run_dir)`; return the exit
     code. Errors of USER_ERRORS + `user_errors` print `<prog>: error: <message>` (prefixed by
     the rank under torchrun) and return 1; the process group is closed either way (without the
-    final barrier after an error, which the other ranks may never reach)."""
-    args = stage_parser(prog, description, run_dir_help).parse_args(argv)
+    final barrier after an error, which the other ranks may never reach).
+
+    A `distributed` stage asked for torchrun (`torchrun_request`) instead starts
+    `torchrun <topology> --nproc_per_node=N -m <module> <its own flags>` and returns its exit
+    code (1, with the workers' last lines already shown, when they fail)."""
+    args = stage_parser(prog, description, run_dir_help, distributed).parse_args(argv)
+    request = torchrun_request(args)
+    if request is not None:
+        nproc, topology = request
+        try:
+            dist.launch_torchrun(prog.split()[-1], forwarded_arguments(args), nproc, topology=topology)
+        except RuntimeError as error:
+            print(f"{prog}: error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+            return 1
+        return 0
     failed = False
     try:
         stage_function(config_from_arguments(args, args.run_dir), args.run_dir)
@@ -46,3 +91,18 @@ def stage_command(prog: str, description: str, stage_function: Callable, argv: S
     finally:
         dist.cleanup(barrier=False if failed else None)
     return 0
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, preset_help: str, seeds: Sequence[int],
+                      run_id_help: str, runs_dir: str, nproc_help: str, keep_going_help: str) -> None:
+    """The flags of a runner of whole seeds (`parlm.run`, `parlm.ablate`): --preset (default
+    demo), --seeds, --set, --run-id, --runs-dir, --nproc, --keep-going."""
+    parser.add_argument("--preset", default="demo", help=preset_help)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
+                        help=f"seeds to run (default: {' '.join(map(str, seeds))})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override one config field (repeatable)")
+    parser.add_argument("--run-id", help=run_id_help)
+    parser.add_argument("--runs-dir", default=runs_dir, help=f"where run folders live (default: {runs_dir})")
+    parser.add_argument("--nproc", type=int, default=1, help=nproc_help)
+    parser.add_argument("--keep-going", action="store_true", help=keep_going_help)

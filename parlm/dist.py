@@ -191,7 +191,12 @@ class NodeTopology:
     One node (the default) runs `--standalone`. Several nodes need the same `nnodes` on every
     node, each its own `node_rank`, and one rendezvous: either a static master
     (`master_addr`/`master_port`, node 0's address) or a c10d rendezvous endpoint
-    (`rdzv_endpoint`, "host:port", with `rdzv_id` naming the job)."""
+    (`rdzv_endpoint`, "host:port", with `rdzv_id` naming the job).
+
+    `parlm.run` hands the topology to the stage launches of its notebooks (which run in a
+    papermill kernel, a child process) through the environment, as torchrun itself hands ranks
+    to its workers: `environment()` gives the `PARLM_*` variables, `from_environment()` reads
+    them back (the one-node default where they are unset)."""
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str | None = None
@@ -217,6 +222,28 @@ class NodeTopology:
         options += [f"--node-rank={self.node_rank}", f"--master-addr={self.master_addr}"]
         return options + ([f"--master-port={self.master_port}"] if self.master_port else [])
 
+    def environment(self) -> dict[str, str]:
+        """The `PARLM_*` variables that `from_environment` reads back into this topology."""
+        values = dict(NNODES=self.nnodes, NODE_RANK=self.node_rank, MASTER_ADDR=self.master_addr,
+                      MASTER_PORT=self.master_port, RDZV_ENDPOINT=self.rdzv_endpoint, RDZV_ID=self.rdzv_id)
+        return {f"{TOPOLOGY_PREFIX}{key}": str(value) for key, value in values.items() if value is not None}
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> "NodeTopology":
+        """The topology of the `PARLM_*` variables in `environ` (default os.environ)."""
+        environ = os.environ if environ is None else environ
+
+        def value(key: str, convert=str, default=None):
+            raw = environ.get(f"{TOPOLOGY_PREFIX}{key}")
+            return default if raw in (None, "") else convert(raw)
+
+        return cls(nnodes=value("NNODES", int, 1), node_rank=value("NODE_RANK", int, 0),
+                   master_addr=value("MASTER_ADDR"), master_port=value("MASTER_PORT", int),
+                   rdzv_endpoint=value("RDZV_ENDPOINT"), rdzv_id=value("RDZV_ID", default="parlm"))
+
+
+TOPOLOGY_PREFIX = "PARLM_"
+
 
 def add_topology_arguments(parser) -> None:
     """torchrun's multi-node options on an argparse parser (see NodeTopology)."""
@@ -239,10 +266,10 @@ def launch_torchrun(module: str, args: list[str], nproc: int, echo: bool = True,
                     topology: NodeTopology | None = None) -> None:
     """Run `python -m torch.distributed.run <topology> --nproc_per_node=nproc -m module args`
     (`--standalone` on one node), streaming its output line by line; raise RuntimeError with the
-    output tail on failure.
+    output tail on failure. `topology` defaults to `NodeTopology.from_environment()`.
 
     NVLink multicast stays off (NCCL_NVLS_ENABLE=0) unless the caller's environment sets it."""
-    topology = topology or NodeTopology()
+    topology = topology or NodeTopology.from_environment()
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

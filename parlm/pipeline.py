@@ -25,7 +25,7 @@ class StageEntry(NamedTuple):
 
     module: str  # the module holding the stage function
     function: str  # its name: function(config, run_dir)
-    distributed: bool  # runs on every GPU under torchrun when nproc > 1
+    distributed: bool  # runs on every GPU under torchrun when nproc > 1 or on several nodes
     child_process: bool = False  # a notebook runs it as `python -m parlm.<stage>` (nproc 1 too)
 
 
@@ -98,13 +98,22 @@ def prepare_run(config: Config, run_dir: str | os.PathLike) -> Config:
     return existing
 
 
-def launch(stage: str, run_dir: str | os.PathLike, nproc: int = 1, echo: bool = True) -> None:
+def world_size(nproc: int) -> int:
+    """Processes of a distributed stage: `nproc` per node times the nodes of the topology that
+    `parlm.run` exported (dist.NodeTopology.from_environment; one node by default)."""
+    return nproc * dist.NodeTopology.from_environment().nnodes
+
+
+def launch(stage: str, run_dir: str | os.PathLike, nproc: int = 1, echo: bool = True,
+           topology: dist.NodeTopology | None = None) -> None:
     """Run `python -m parlm.<stage> --run-dir DIR` in a child process (under torchrun with
-    `nproc` processes when nproc > 1), streaming its output; RuntimeError with its last lines
-    when it fails. The child reads the run folder's config.yaml."""
+    `nproc` processes per node when the world is larger than one), streaming its output;
+    RuntimeError with its last lines when it fails. The child reads the run folder's config.yaml.
+    `topology` defaults to the exported one (dist.NodeTopology.from_environment)."""
     arguments = ["--run-dir", str(run_dir)]
-    if nproc > 1:
-        dist.launch_torchrun(f"parlm.{stage}", arguments, nproc, echo=echo)
+    topology = topology or dist.NodeTopology.from_environment()
+    if nproc * topology.nnodes > 1:
+        dist.launch_torchrun(f"parlm.{stage}", arguments, nproc, echo=echo, topology=topology)
         return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Idle OpenMP threads sleep instead of spinning: on a busy few-core machine spinning
@@ -115,13 +124,13 @@ def launch(stage: str, run_dir: str | os.PathLike, nproc: int = 1, echo: bool = 
 
 def run_stage(stage: str, config: Config, run_dir: str | os.PathLike, nproc: int = 1,
               child_process: bool = False, echo: bool = True) -> None:
-    """Run one stage now and mark it done: under torchrun for a distributed stage with
-    nproc > 1, as a child process when `child_process` and the table says so, else by calling
-    its function in this process."""
+    """Run one stage now and mark it done: under torchrun for a distributed stage with a world
+    larger than one (`world_size`), as a child process when `child_process` and the table says
+    so, else by calling its function in this process."""
     entry = _check_stage(stage)
     run_dir = Path(run_dir)
-    if entry.distributed and nproc > 1:
-        config.check_world_size(nproc)
+    if entry.distributed and world_size(nproc) > 1:
+        config.check_world_size(world_size(nproc))
         launch(stage, run_dir, nproc, echo=echo)
     elif child_process and entry.child_process:
         launch(stage, run_dir, echo=echo)
@@ -161,7 +170,7 @@ def stage(preset: str, run_dir: str | os.PathLike, seed: int, overrides: Sequenc
     entry = _check_stage(name)
     run_dir = project_path(run_dir)
     config = resolve_config(preset, seed, overrides)
-    config.validate(world_size=nproc)
+    config.validate(world_size=world_size(nproc))
     config = prepare_run(config, run_dir)
     if STAGES.index(name) > 0:
         ensure(config, run_dir, STAGES[STAGES.index(name) - 1], nproc=nproc)
@@ -172,9 +181,26 @@ def stage(preset: str, run_dir: str | os.PathLike, seed: int, overrides: Sequenc
         print(f"{name} stage already done in {run_dir}; showing its results "
               f"(redo=True runs it again)", flush=True)
         return config
-    in_process = config.replace(**settings) if settings and not (entry.distributed and nproc > 1) else config
+    in_process = config.replace(**settings) if settings and not (entry.distributed and world_size(nproc) > 1) else config
     run_stage(name, in_process, run_dir, nproc=nproc, child_process=True, echo=echo)
     return config
+
+
+def join_distributed_stages(run_dir: str | os.PathLike, nproc: int, topology: dist.NodeTopology,
+                            echo: bool = True) -> list[str]:
+    """On a node of rank > 0 of a job of several nodes: this node's workers of every distributed
+    stage not yet done, in order (train, then eval), each a torchrun launch with `topology` that
+    waits at the rendezvous until node 0 starts the same stage. Node 0 runs every stage (the
+    notebooks) and writes the markers; the run folder must be on a file system every node sees.
+    Returns the stages joined."""
+    if topology.node_rank == 0:
+        raise ValueError("node 0 runs the stages itself (parlm.run); only nodes of rank > 0 join")
+    joined = []
+    for name in DISTRIBUTED_STAGES:
+        if not runlog.stage_done(run_dir, name):
+            launch(name, run_dir, nproc, echo=echo, topology=topology)
+            joined.append(name)
+    return joined
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:

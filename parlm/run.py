@@ -2,6 +2,7 @@
 
     python -m parlm.run --preset demo --seeds 42 314 [--nproc N] [--set key=value ...]
                         [--run-id ID] [--baseline pr1858|runs/<other>] [--verbose]
+                        [--nnodes K --node-rank R (--master-addr H [--master-port P] | --rdzv-endpoint H:P)]
 
 For each seed, notebooks 01-06 execute into `runs/<run_id>/seed_<seed>/` (executed copies named
 like `01_data.ipynb`, next to the stage files they produce); then 07 executes into
@@ -22,6 +23,11 @@ Safety and resume:
   differs from the one saved in the folder;
 - Ctrl-C ends with one line holding the exact command that resumes; a runs folder that cannot
   be written (read-only, full) ends with one line naming it.
+
+Several machines: every node runs the same command with its own `--node-rank`, the run folder on
+a file system they share. Node 0 executes the notebooks (its distributed stages start torchrun
+with the topology, exported to the notebooks' kernel as `PARLM_*` variables); a node of rank > 0
+runs no notebook and joins each seed's distributed stages (`pipeline.join_distributed_stages`).
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from parlm import pipeline, runlog
+from parlm import dist, pipeline, runlog
+from parlm.cli import add_run_arguments
 from parlm.config import PROJECT_ROOT, Config, ConfigError, checkout_kernel_name, parse_overrides
 from parlm.train.checks import restart_training
 
@@ -88,6 +95,12 @@ class RunPlan:
     restart_stage: str | None = None  # "train": train each seed again with the --set values
     seed_notebooks: tuple = SEED_NOTEBOOKS
     report_notebook: str | None = REPORT_NOTEBOOK  # None: no report notebook (tests)
+    topology: dist.NodeTopology = field(default_factory=dist.NodeTopology)
+
+    @property
+    def world_size(self) -> int:
+        """Processes of a distributed stage: nproc on each of the topology's nodes."""
+        return self.nproc * self.topology.nnodes
 
     @property
     def run_root(self) -> Path:
@@ -233,7 +246,7 @@ def prepare_seed(plan: RunPlan, seed: int) -> Config:
     """Resolve and check the seed's config and write (or verify) its `config.yaml` before any
     notebook starts, so a mismatched resume or a bad override fails at once."""
     config = pipeline.resolve_config(plan.preset, seed, plan.overrides)
-    config.validate(world_size=plan.nproc)
+    config.validate(world_size=plan.world_size)
     run_dir = plan.seed_dir(seed)
     if plan.restart_stage == "train" and (run_dir / "config.yaml").exists():
         restart_seed_training(plan, run_dir)
@@ -303,12 +316,35 @@ def run_report(plan: RunPlan) -> Path:
                             plan.report_parameters(), plan)
 
 
+def join_seeds(plan: RunPlan) -> int:
+    """A node of rank > 0: for each seed, prepare (or verify) its folder and join its
+    distributed stages (pipeline.join_distributed_stages); node 0 does everything else."""
+    for seed in plan.seeds:
+        prepare_seed(plan, seed)  # checked and saved: the workers read config.yaml
+        _say(f"[seed {seed}] node {plan.topology.node_rank} of {plan.topology.nnodes}: joining "
+             f"{', '.join(pipeline.DISTRIBUTED_STAGES)} (node 0 runs the notebooks)")
+        try:
+            joined = pipeline.join_distributed_stages(plan.seed_dir(seed), plan.nproc, plan.topology)
+        except RuntimeError as exc:
+            _say(f"[seed {seed}] FAILED: {str(exc).splitlines()[0]}")
+            return 1
+        _say(f"[seed {seed}] joined: {', '.join(joined) or 'nothing (every distributed stage done)'}")
+    return 0
+
+
 def run(plan: RunPlan) -> int:
-    """Execute the plan; return a process exit code (0 when every seed and the report ran)."""
+    """Execute the plan; return a process exit code (0 when every seed and the report ran).
+    With several nodes the topology is exported for the notebooks' stage launches, and a node
+    of rank > 0 only joins the distributed stages (`join_seeds`)."""
     _check_notebooks(plan)
     plan.run_root.mkdir(parents=True, exist_ok=True)
+    if plan.topology != dist.NodeTopology():
+        os.environ.update(plan.topology.environment())
+    if plan.topology.node_rank > 0:
+        return join_seeds(plan)
     invocation = {"preset": plan.preset, "seeds": plan.seeds, "overrides": plan.overrides,
-                  "nproc": plan.nproc, "baseline": plan.baseline, "kernel": plan.kernel_name,
+                  "nproc": plan.nproc, "nnodes": plan.topology.nnodes, "baseline": plan.baseline,
+                  "kernel": plan.kernel_name,
                   "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     # One record per invocation; the pid keeps concurrent invocations (one seed per GPU) apart.
     runlog.write_json(plan.run_root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json",
@@ -361,17 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Execute notebooks 01-06 per seed with papermill into runs/<run_id>/seed_<seed>/, "
                     "then 07_report into runs/<run_id>/report/. Rerun with the same --run-id to "
                     "resume.")
-    parser.add_argument("--preset", default="demo", help="demo | proxy | fineweb (parlm/presets)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="seeds to run (default: 42 314 999)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes (GPUs) for training and evaluation, through torchrun")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override one config field (repeatable)")
-    parser.add_argument("--run-id", help="run folder name (default: <preset>-<yyyymmdd-hhmmss>); "
-                        "an existing id resumes")
-    parser.add_argument("--runs-dir", default=str(PROJECT_ROOT / "runs"),
-                        help="where run folders live (default: <repo>/runs)")
+    add_run_arguments(parser, preset_help="demo | proxy | fineweb | frontier ... (parlm/presets)",
+                      seeds=DEFAULT_SEEDS,
+                      run_id_help="run folder name (default: <preset>-<yyyymmdd-hhmmss>); an existing id resumes",
+                      runs_dir=str(PROJECT_ROOT / "runs"),
+                      nproc_help="processes (GPUs) per node for training and evaluation, through torchrun",
+                      keep_going_help="after a failing seed, go on with the others (exit code still 1)")
     parser.add_argument("--baseline", default="pr1858",
                         help="Welch-test baseline for the report: pr1858, a run folder, or none")
     parser.add_argument("--kernel", help="Jupyter kernel (default: parlm if registered for this "
@@ -379,8 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-report", action="store_true",
                         help="run the seeds only; a later invocation with the same --run-id and "
                              "all seeds makes the report (e.g. after one invocation per GPU)")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="after a failing seed, go on with the others (exit code still 1)")
     parser.add_argument("--verbose", action="store_true",
                         help="stream every cell's output to the terminal (default: one line per "
                              "notebook, the progress bar and each stage's summary line)")
@@ -389,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the divergence message prints this command); data stays")
     parser.add_argument("--quiet", action="store_true",
                         help="the default terminal output (kept for older command lines)")
+    dist.add_topology_arguments(parser)
     return parser
 
 
@@ -433,11 +463,13 @@ def run_cli(plan: RunPlan, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        topology = dist.topology_from_arguments(args)
         # The whole resolved config, every seed and the world size, before runs/<id> exists.
-        config = Config.from_preset(args.preset, parse_overrides(args.overrides)).validate(world_size=args.nproc)
+        config = Config.from_preset(args.preset, parse_overrides(args.overrides)).validate(
+            world_size=args.nproc * topology.nnodes)
         for seed in args.seeds:
             config.replace(seed=seed)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if len(set(args.seeds)) != len(args.seeds):
@@ -456,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    runs_dir=Path(args.runs_dir).resolve(), overrides=list(args.overrides),
                    nproc=args.nproc, baseline=args.baseline, restart_stage=args.restart_stage,
                    kernel_name=args.kernel or choose_kernel(), log_output=args.verbose,
-                   keep_going=args.keep_going,
+                   keep_going=args.keep_going, topology=topology,
                    report_notebook=None if args.no_report else REPORT_NOTEBOOK)
     try:
         return run_cli(plan, sys.argv[1:] if argv is None else argv)

@@ -54,3 +54,16 @@ def test_compare_curves_reads_the_reference_training_log(reference_log):
     assert records[1]["train_loss"] == 9.0104 and records[1]["tok_per_sec"] == 8404562
     assert [step for step in sorted(records) if records[step]["looping"]][:1] == [2500]
     assert not records[2000]["looping"] and records[4500]["looping"]
+
+
+def test_steady_rates_recover_per_step_times():
+    # Steps of 0.5 s each before looping and 1.0 s after, with a 10 s first step (compile):
+    # the cumulative rates such a run logs give back 1000/0.5 and 1000/1.0 tok/s exactly.
+    batch, records, elapsed = 1000, {}, 0.0
+    for step in range(1, 31):
+        looping = step > 15
+        elapsed += 10.0 if step in (1, 16) else (1.0 if looping else 0.5)
+        records[step] = {"train_loss": 1.0, "tok_per_sec": step * batch / elapsed, "looping": looping}
+    rates = _benchmark("compare_curves").steady_rates(records, batch, skip=2)
+    assert abs(rates["before_looping"] - 2000.0) < 1e-6 and abs(rates["after_looping"] - 1000.0) < 1e-6
+    assert _benchmark("compare_curves").steady_rates({1: records[1]}, batch)["after_looping"] is None

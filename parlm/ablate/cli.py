@@ -11,6 +11,7 @@ from parlm import runlog
 from parlm.ablate.dispatch import EXECUTORS, PROJECT_ROOT, dispatch
 from parlm.ablate.results import write_results
 from parlm.ablate.variants import VARIANTS_FILE, build_jobs, load_variants
+from parlm.cli import add_run_arguments
 from parlm.config import ConfigError, parse_overrides
 
 
@@ -19,23 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m parlm.ablate",
         description="Run every (variant, seed) through parlm.run into runs/<id>/<variant>/seed_<s>/ and "
                     "write each variant's delta against the base (ablation.json, ablation.md). "
+                    "Equal steps: --steps N; equal wall clock: --set max_wallclock_seconds=S. "
                     "Rerun with the same --run-id to resume.")
-    parser.add_argument("--preset", default="demo", help="preset of every variant without its own")
+    add_run_arguments(parser, preset_help="preset of every variant without its own", seeds=(42, 314),
+                      run_id_help="ablation folder name (default ablate-<preset>-<time>); existing resumes",
+                      runs_dir=str(PROJECT_ROOT / "runs"), nproc_help="GPUs per job (torchrun)",
+                      keep_going_help="go on after a failed job (exit code 1)")
     parser.add_argument("--base", default="base", help="the variant every other is compared with")
     parser.add_argument("--variants", required=True, help="comma-separated variant names (variants.yaml)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 314])
     parser.add_argument("--steps", type=int, help="equal-steps mode: iterations=N, wall-clock limit off")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for every job (e.g. max_wallclock_seconds=S: equal wall clock)")
-    parser.add_argument("--run-id", help="ablation folder name (default ablate-<preset>-<time>); existing resumes")
-    parser.add_argument("--runs-dir", default=str(PROJECT_ROOT / "runs"))
     parser.add_argument("--variants-file", default=str(VARIANTS_FILE))
-    parser.add_argument("--nproc", type=int, default=1, help="GPUs per job (torchrun)")
     parser.add_argument("--executor", choices=EXECUTORS, default="local")
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="local: concurrent jobs per GPU")
     parser.add_argument("--timeout-min", type=int, default=120, help="submitit: minutes per job")
     parser.add_argument("--slurm-partition", help="slurm: partition")
-    parser.add_argument("--keep-going", action="store_true", help="go on after a failed job (exit code 1)")
     return parser
 
 

@@ -281,10 +281,10 @@ def evaluate_run(config: Config, run_dir) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m parlm.eval --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    """`python -m parlm.eval --run-dir DIR [--config|--preset|--set] [--nproc N] [--nnodes ...]` (parlm.cli)."""
     return stage_command(
         "python -m parlm.eval",
         "Evaluate a run folder's quantized artifact: plain, sliding-window and score-first TTT "
         "BPB; writes eval.json and nll.npz (also under torchrun).",
         evaluate_run, argv, run_dir_help="run folder holding config.yaml and the artifact",
-        user_errors=(ArtifactError,))
+        user_errors=(ArtifactError,), distributed=True)

@@ -456,11 +456,11 @@ def train_run(config: Config, run_dir: str | os.PathLike) -> dict:
 
 # ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """`python -m parlm.train --run-dir DIR [--config|--preset|--set]` (parlm.cli)."""
+    """`python -m parlm.train --run-dir DIR [--config|--preset|--set] [--nproc N] [--nnodes ...]` (parlm.cli)."""
     return stage_command(
         "python -m parlm.train",
         "Train a parlm model into a run folder (SPEC 3). Under torchrun, one process per GPU; the "
         "config comes from --config, else <run-dir>/config.yaml, else --preset, else the reference "
         "defaults, then --set overrides.",
         train_run, argv, run_dir_help="run folder (created if missing)",
-        user_errors=(InsufficientMemoryError, TrainingDiverged))
+        user_errors=(InsufficientMemoryError, TrainingDiverged), distributed=True)
