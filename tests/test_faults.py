@@ -1,30 +1,205 @@
-"""Fault injection, files (issue 15): a truncated or replaced artifact, a damaged checkpoint and
-a shard with ids outside the vocabulary. Each fault gives one line naming the file and the fix,
-stale stages rerun on resume (nothing finished before them is lost), and the report never says
-a damaged artifact fits the cap."""
+"""Fault injection (issue 15): configuration, files, the runner and training under faults."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import torch
+from nbformat.v4 import new_code_cell, new_notebook
 
-from parlm import pipeline, runlog
-from parlm.config import ConfigError
+from parlm import pipeline, run, runlog
+from parlm.config import (FIELD_RULES, FIELD_TYPES, PRESET_DIR, PROJECT_ROOT, Config, ConfigError,
+                          parse_overrides)
 from parlm.data.corpus import ensure_dataset
 from parlm.data.shards import ShardError, write_shard
 from parlm.quant.artifact import (ARTIFACT_NAME, CHECKPOINT_NAME, ArtifactError, load_checkpoint,
                                   read_artifact, verify_artifact)
 from parlm.report import summary as report
+from parlm.train import loop
+from parlm.train.checkpoint import CHECKPOINT_DIR
+from parlm.train.checks import clear_training, restart_training
+from parlm.train.loop import train_run
+from parlm.train.state import TrainingDiverged
+
+from test_run import fake_finished_stages
+from test_train import one_thread, pattern_config  # noqa: F401 - the shared fixtures (one_thread is autouse)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ==============================================================================================
+# Configuration: every bad value refused by one validation pass, before any run folder exists
+
+# (override as typed on the command line, the value as given to Config directly, the line)
+BAD_VALUES = [
+    ("iterations=1.5", 1.5, "iterations=1.5: must be an integer >= 1"),
+    ("train_seq_len=0", 0, "train_seq_len=0: must be an integer >= 1"),
+    ("device=gpu", "gpu", "device='gpu': must be one of 'auto', 'cuda', 'cpu'"),
+    ("matrix_lr=nan", math.nan, "matrix_lr=nan: must be a finite number >= 0"),
+    ("ema_decay=2", 2.0, "ema_decay=2.0: must be a finite number in [0, 1)"),
+    ("iterations=-5", -5, "iterations=-5: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,value,line", BAD_VALUES)
+def test_bad_value_given_to_config_directly(override, value, line):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as caught:
+        Config(**{key: value})
+    assert str(caught.value) == line and caught.value.problems == [line]
+
+
+@pytest.mark.parametrize("override,value,line", BAD_VALUES)
+def test_bad_value_through_overrides_yaml_and_papermill_parameters(override, value, line, tmp_path):
+    with pytest.raises(ConfigError) as caught:  # what parlm.run and every notebook do
+        Config.from_preset("demo", parse_overrides([override]))
+    assert str(caught.value) == line
+    key, text = override.split("=")
+    path = tmp_path / "config.yaml"
+    path.write_text(f"{key}: {text}\n")
+    with pytest.raises(ConfigError) as caught:  # a run folder's config.yaml
+        Config.load(path)
+    assert str(caught.value) == f"{path}: {line}"
+
+
+@pytest.mark.parametrize("override,value,line", BAD_VALUES)
+def test_parlm_run_refuses_before_creating_the_run_folder(override, value, line, tmp_path, capsys):
+    code = run.main(["--preset", "demo", "--seeds", "42", "--run-id", "bad", "--runs-dir", str(tmp_path),
+                     "--set", override, "--quiet"])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parlm_run_cli_lists_every_problem_at_once(tmp_path):
+    """The real command line: one error, one line per bad value, exit code 2, no folder."""
+    arguments = [sys.executable, "-m", "parlm.run", "--preset", "demo", "--seeds", "42",
+                 "--runs-dir", str(tmp_path), "--run-id", "bad", "--quiet"]
+    for override, _, _ in BAD_VALUES:
+        arguments += ["--set", override]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(arguments, capture_output=True, text=True, timeout=120, env=environment,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    # -5 is the last --set of iterations, so it replaces 1.5
+    expected = {line for override, _, line in BAD_VALUES if override != "iterations=1.5"}
+    assert lines[0] == f"error: {len(expected)} config problems:"
+    assert {line.strip() for line in lines[1:]} == expected
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_problem_is_collected_into_one_error():
+    with pytest.raises(ConfigError) as caught:
+        Config(iterations=1.5, train_seq_len=0, device="gpu", matrix_lr=math.nan, ema_decay=2,
+               num_kv_heads=3)
+    problems = caught.value.problems
+    assert len(problems) == 6 and all("\n" not in p for p in problems)
+    # a rule between fields too; train_seq_len=0 silences the batch rule that divides by it
+    assert problems[-1] == "num_heads=8 must be a multiple of num_kv_heads=3"
+    assert str(caught.value).splitlines()[0] == "6 config problems:"
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (dict(train_batch_tokens=1000), "train_batch_tokens=1000 must split into micro_batches_per_step=8 "
+     "micro-batches of whole train_seq_len=2048 sequences; choose a multiple of 16384"),
+    (dict(val_batch_tokens=8192), "val_batch_tokens=8192 must hold at least one eval_seq_len=2048 "
+     "sequence per micro-batch (micro_batches_per_step=8): at least 16384"),
+    (dict(eval_stride=4096), "eval_stride=4096 must be in 1..eval_seq_len=2048"),
+    (dict(ttt_chunk_tokens=1000), "ttt_chunk_tokens=1000 must be a multiple of eval_stride=64 so each "
+     "chunk scores whole stride blocks"),
+    (dict(num_kv_heads=3), "num_heads=8 must be a multiple of num_kv_heads=3"),
+    (dict(rope_dims=80), "rope_dims=80 must be even and <= head_dim=model_dim/num_heads=64, which must be even"),
+    (dict(loop_end=11), "loop_start=3..loop_end=11 must be an ordered range inside 0..num_layers-1=10 "
+     "(or num_loops=0)"),
+    (dict(gptq_reserve_seconds=600.0), "gptq_reserve_seconds=600.0 leaves no training time out of "
+     "max_wallclock_seconds=600.0"),
+    (dict(mixture_enabled=True, mixture_order=4), "mixture_order=4 with vocab_size=8192 needs 65 bits per "
+     "exact int64 context key; use mixture_order <= 3"),
+])
+def test_cross_field_rules(overrides, line):
+    with pytest.raises(ConfigError) as caught:
+        Config(**overrides)
+    assert caught.value.problems == [line]
+
+
+def test_cross_field_rule_is_skipped_when_one_of_its_fields_is_invalid():
+    with pytest.raises(ConfigError) as caught:
+        Config(num_heads=0)  # no ZeroDivisionError from the model_dim % num_heads rule
+    assert caught.value.problems == ["num_heads=0: must be an integer >= 1"]
+
+
+def test_lossless_conversions_are_accepted():
+    config = Config().replace(**parse_overrides(["iterations=2.0", "max_wallclock_seconds=30",
+                                                 "ttt_enabled=off", "seed=7"]))
+    assert (config.iterations, config.max_wallclock_seconds, config.ttt_enabled, config.seed) == (2, 30.0, False, 7)
+    assert isinstance(config.iterations, int) and isinstance(config.max_wallclock_seconds, float)
+    assert Config(max_wallclock_seconds=30).max_wallclock_seconds == 30.0
+
+
+@pytest.mark.parametrize("override,line", [
+    ("ttt_enabled=maybe", "ttt_enabled='maybe': must be true or false"),
+    ("iterations=ten", "iterations='ten': must be an integer >= 1"),
+    ("matrix_lr=inf", "matrix_lr=inf: must be a finite number >= 0"),
+    ("tie_embeddings=false", "tie_embeddings=False: must be one of True (the reference ties them; "
+     "untied heads are not implemented)"),
+    ("vocab_size=70000", "vocab_size=70000: must be an integer in [2, 65536] (token ids are stored as uint16)"),
+    ("seed=-1", "seed=-1: must be an integer >= 0 (the data sampler's PCG64 takes non-negative seeds)"),
+])
+def test_more_bad_values(override, line):
+    with pytest.raises(ConfigError) as caught:
+        Config().replace(**parse_overrides([override]))
+    assert caught.value.problems == [line]
+
+
+def test_unknown_keys_and_malformed_pairs_are_listed_together():
+    with pytest.raises(ConfigError) as caught:
+        parse_overrides(["itterations=3", "oops"])
+    assert caught.value.problems == ["unknown config key 'itterations'; did you mean iterations?",
+                                     "override 'oops' must look like key=value"]
+
+
+def test_validate_adds_world_size_and_tokenizer_to_the_same_list():
+    config = Config()
+    with pytest.raises(ConfigError) as caught:
+        config.validate(world_size=3, tokenizer_vocab_size=1024)
+    assert len(caught.value.problems) == 2
+    assert caught.value.problems[0].startswith("world size 3 does not divide micro_batches_per_step=8")
+    assert caught.value.problems[1].startswith("vocab_size=8192 but the tokenizer has 1024 pieces")
+    config.iterations = 0  # assigned after construction: validate checks again
+    with pytest.raises(ConfigError, match="iterations=0: must be an integer >= 1"):
+        config.validate()
+
+
+def test_every_preset_and_the_defaults_validate():
+    Config().validate(world_size=8)
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        Config.from_preset(path.stem).validate(world_size=1)
+
+
+def test_rules_name_real_fields_and_fit_their_types():
+    assert set(FIELD_RULES) <= set(FIELD_TYPES)
+    defaults = Config()
+    for name, rule in FIELD_RULES.items():
+        assert rule.admits(getattr(defaults, name)), name
+
+
+# ==============================================================================================
+# Files: a truncated or replaced artifact, a damaged checkpoint, a shard outside the vocabulary
+
 # Hand-written results of the stages that are not rerun here (the contract's key names).
 STAGE_FILES = {
     "train.json": {"steps": 3, "train_seconds": 1.0, "prequant_bpb": 3.1, "world_size": 1},
@@ -272,3 +447,408 @@ def test_out_of_vocab_shard_fails_the_data_stage_and_the_check_before_training(d
     assert train_main(["--run-dir", str(run_dir)]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m parlm.train: error: {expected}"
     assert not (run_dir / "train.log").exists() and not (run_dir / CHECKPOINT_NAME).exists()
+
+
+# ==============================================================================================
+# The runner: Ctrl-C, a read-only or full runs folder, a notebook cut off mid-write, a notebook
+# run from another folder
+
+PARAMETERS = 'preset = "demo"\nrun_dir = "unset"\nseed = 0\noverrides = []\nnproc = 1\n'
+
+
+def write_notebook(path: Path, body: str, parameters: str = PARAMETERS) -> None:
+    notebook = new_notebook()
+    cell = new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    notebook.cells = [cell, new_code_cell(body)]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    nbformat.write(notebook, path)
+
+
+QUICK = 'from pathlib import Path\n(Path(run_dir) / "quick.txt").write_text("done")'
+SLOW = ('import time\nfrom pathlib import Path\n(Path(run_dir) / "slow_started").write_text("")\n'
+        'time.sleep(120)')
+
+
+def stand_in_plan(tmp_path: Path, notebooks: dict[str, str]) -> run.RunPlan:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for stem, body in notebooks.items():
+        write_notebook(folder / f"{stem}.ipynb", body)
+    return run.RunPlan(preset="demo", seeds=[1], run_id="t", runs_dir=tmp_path / "runs",
+                       notebook_dir=folder, cwd=tmp_path, progress_bar=False,
+                       seed_notebooks=tuple((stem, None) for stem in notebooks),
+                       report_notebook=None, kernel_name="python3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C
+
+SIGINT_SCRIPT = """
+import sys
+from pathlib import Path
+from parlm import run
+sys.path.insert(0, {tests!r})
+from test_faults import stand_in_plan, QUICK, SLOW
+plan = stand_in_plan(Path({tmp!r}), {{"01_quick": QUICK, "02_slow": SLOW}})
+sys.exit(run.run_cli(plan, ["--preset", "demo", "--seeds", "1", "--run-id", "t"]))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path):
+    script = SIGINT_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    # Its own process group, as a terminal's foreground job: Ctrl-C reaches the kernel too.
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seed_dir = tmp_path / "runs" / "t" / "seed_1"
+    deadline = time.time() + 240
+    while not (seed_dir / "slow_started").exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err + out and "Task exception was never retrieved" not in err + out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted; finished stages are kept in")
+    assert last.endswith("-m parlm.run --preset demo --seeds 1 --run-id t")
+    # The finished notebook and its marker stay; the interrupted one is kept only as FAILED,
+    # valid JSON, and no temporary notebook is left.
+    assert (seed_dir / "quick.txt").read_text() == "done"
+    assert (seed_dir / "01_quick.ipynb").exists()
+    assert runlog.stage_done(seed_dir, run.notebook_marker("01_quick"))
+    assert not runlog.stage_done(seed_dir, run.notebook_marker("02_slow"))
+    assert not (seed_dir / "02_slow.ipynb").exists()
+    nbformat.read(seed_dir / "02_slow.FAILED.ipynb", as_version=4)
+    assert not list(seed_dir.glob(".*.running.ipynb"))
+
+
+def test_resume_command_keeps_the_flags_and_adds_the_run_id():
+    command = run.resume_command(["--preset", "demo", "--set", "iterations=5"], "demo-1")
+    assert command.endswith("-m parlm.run --preset demo --set iterations=5 --run-id demo-1")
+    assert run.resume_command(["--run-id", "x"], "x").endswith("-m parlm.run --run-id x")
+
+
+# ----------------------------------------------------------------------------------------------
+# A runs folder that cannot be written
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_read_only_runs_folder_is_one_line(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o555)
+    try:
+        assert run.main(["--preset", "demo", "--seeds", "1", "--runs-dir", str(runs), "--no-report"]) == 1
+    finally:
+        runs.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "is not writable" in err[-1] and str(runs) in err[-1]
+
+
+def test_read_only_file_system_is_one_line_and_keeps_a_finished_run(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    finished = runs / "old" / "seed_1"
+    runlog.write_json(finished / "summary.json", {"ttt_bpb": 3.0})
+    before = (finished / "summary.json").read_bytes()
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(runs)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code = run.main(["--preset", "demo", "--seeds", "1", "--runs-dir", str(runs), "--run-id", "new"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert lines[-1].startswith(f"error: {runs / 'new'} is on a read-only file system")
+    assert "Traceback" not in "\n".join(lines)
+    assert (finished / "summary.json").read_bytes() == before
+
+
+def test_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run.runlog, "write_json", full)
+    runs = tmp_path / "runs"
+    code = run.main(["--preset", "demo", "--seeds", "1", "--runs-dir", str(runs), "--run-id", "x"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "has no space left" in lines[-1] and str(runs / "x") in lines[-1]
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "quant.json"
+    runlog.write_json(path, {"bytes_total": 1})
+    real_write = Path.write_bytes
+
+    def half_then_full(self, data):
+        real_write(self, data[: len(data) // 2])  # a part lands on disk, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        runlog.write_json(path, {"bytes_total": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"bytes_total": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quant.json"]
+
+
+def test_a_notebook_cut_off_mid_write_is_saved_as_valid_json(tmp_path):
+    source = tmp_path / "03_train.ipynb"
+    write_notebook(source, "print(1)")
+    running = tmp_path / ".03_train.running.ipynb"
+    running.write_text(source.read_text()[:200])  # what a full disk left of papermill's write
+    failed = tmp_path / "03_train.FAILED.ipynb"
+    run._save_failed(running, failed, source, "OSError: [Errno 28] No space left on device")
+    saved = nbformat.read(failed, as_version=4)
+    assert "No space left on device" in saved.cells[0].source
+    assert [c.source for c in saved.cells[1:]] == [c.source for c in nbformat.read(source, as_version=4).cells]
+    assert not running.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths from the checkout, a stage opened twice
+
+def test_a_notebook_run_from_another_folder_resolves_run_dir_in_the_checkout(tmp_path):
+    import papermill
+
+    source = tmp_path / "where.ipynb"
+    write_notebook(source, 'from parlm import pipeline\nprint(pipeline.project_path(run_dir))',
+                   parameters='run_dir = "runs/notebooks/seed_42"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    output = tmp_path / "out.ipynb"
+    papermill.execute_notebook(str(source), str(output), kernel_name="python3", cwd=str(elsewhere),
+                               progress_bar=False)
+    printed = nbformat.read(output, as_version=4).cells[-1].outputs[0]["text"].strip()
+    assert printed == str(PROJECT_ROOT / "runs" / "notebooks" / "seed_42")
+    assert not (elsewhere / "runs").exists()
+
+
+def test_stage_opened_twice_does_not_redo_a_finished_stage(tmp_path, monkeypatch, capsys):
+    import parlm.data.corpus
+    import parlm.report.summary
+
+    calls = []
+    monkeypatch.setattr(pipeline, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(parlm.data.corpus, "data_stage", lambda config, run_dir: calls.append("data"))
+    monkeypatch.setattr(parlm.report.summary, "summary_stage",
+                        lambda config, run_dir: calls.append("summary"))
+    run_dir = tmp_path / "runs" / "nb" / "seed_3"
+    run_dir.mkdir(parents=True)
+    for name in ("train", "quant", "eval", "ppm"):
+        runlog.mark_stage_done(run_dir, name)
+    config = pipeline.stage("demo", "runs/nb/seed_3", 3, [], "summary")  # relative: from the root
+    assert config == Config.from_preset("demo").replace(seed=3)
+    assert (run_dir / "config.yaml").exists() and calls == ["data", "summary"]
+    pipeline.stage("demo", "runs/nb/seed_3", 3, [], "summary")
+    assert calls == ["data", "summary"] and "already done" in capsys.readouterr().out
+    pipeline.stage("demo", "runs/nb/seed_3", 3, [], "summary", redo=True)
+    assert calls == ["data", "summary", "summary"]
+
+
+def test_stage_with_a_different_config_is_refused_and_keeps_the_saved_one(tmp_path, monkeypatch):
+    from parlm.config import ConfigError
+
+    monkeypatch.setattr(pipeline, "PROJECT_ROOT", tmp_path)
+    run_dir = tmp_path / "seed_1"
+    pipeline.prepare_run(Config.from_preset("demo").replace(seed=1), run_dir)
+    before = (run_dir / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match="iterations"):
+        pipeline.stage("demo", run_dir, 1, ["iterations=3"], "data")
+    assert (run_dir / "config.yaml").read_bytes() == before
+
+
+def test_stage_cli_errors_are_one_line(tmp_path, capsys):
+    from parlm.quant.stage import main
+
+    assert main(["--run-dir", str(tmp_path), "--preset", "demo"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m parlm.quant: error: {tmp_path / 'final_model.pt'} not found; train "
+                   f"first with `python -m parlm.train --run-dir {tmp_path}`"]
+
+
+def test_quiet_terminal_prints_one_line_per_notebook(tmp_path, capsys):
+    plan = stand_in_plan(tmp_path, {"01_quick": QUICK + '\nprint("cell output stays in the notebook")'})
+    seed_dir = plan.seed_dir(1)
+    fake_finished_stages(seed_dir)  # only the summary runs after the notebook
+    assert run.run(plan) == 0
+    captured = capsys.readouterr()
+    assert "cell output stays in the notebook" not in captured.out + captured.err
+    notebook_lines = [line for line in captured.err.splitlines() if "01_quick" in line]
+    assert len(notebook_lines) == 1 and notebook_lines[0].startswith("[seed 1] 1/1 01_quick: ")
+    assert "kernel: python3 (" in captured.err
+
+
+def test_a_checkpoint_save_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import torch
+
+    from parlm.train import loop
+
+    path = tmp_path / "final_model.pt"
+    loop._save_state_dict({"w": torch.ones(2)}, path)
+
+    def full(obj, target):
+        Path(target).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        loop._save_state_dict({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["final_model.pt"]
+
+
+# ==============================================================================================
+# Training: a killed run resumes exactly, divergence, a loss stalled at the uniform predictor
+
+# train.json fields that measure time or memory, not what was trained.
+TIMING_FIELDS = {"train_seconds", "peak_memory_mib", "tok_per_sec_before_loop", "tok_per_sec_after_loop",
+                 "tok_per_sec_per_gpu_before_loop", "tok_per_sec_per_gpu_after_loop",
+                 "steady_state_steps", "compile_warmup_seconds", "prequant_seconds"}
+# metrics.jsonl fields of the same kind.
+TIMING_METRICS = {"time", "tok_per_sec", "tok_per_sec_interval", "memory_mib", "train_time_ms", "seconds"}
+
+
+def untimed_metrics(run_dir) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_METRICS} for row in runlog.read_metrics(run_dir)]
+
+
+def assert_same_weights(run_a, run_b) -> None:
+    a, b = torch.load(run_a / "final_model.pt"), torch.load(run_b / "final_model.pt")
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class Killed(RuntimeError):
+    """Stands for the process being killed in the middle of a step."""
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(pattern_config, tmp_path,
+                                                                                 monkeypatch):
+    # Looping switches on at step 3 (frac 2/6 < 0.35 <= 3/6), before the checkpoint of step 4.
+    config = pattern_config.replace(iterations=6, val_loss_every=4, checkpoint_every_steps=2,
+                                    val_max_tokens=512)
+    whole = train_run(config, tmp_path / "whole")
+
+    real_step = loop.Trainer.step
+
+    def dies_in_step_5(self, step, lr_scale):
+        if step == 4:
+            raise Killed("killed during step 5")
+        return real_step(self, step, lr_scale)
+
+    monkeypatch.setattr(loop.Trainer, "step", dies_in_step_5)
+    with pytest.raises(Killed):
+        train_run(config, tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / CHECKPOINT_DIR / "latest.json").read_text())["step"] == 4
+    assert not (tmp_path / "resumed" / "final_model.pt").exists()
+    monkeypatch.setattr(loop.Trainer, "step", real_step)
+    resumed = train_run(config, tmp_path / "resumed")
+
+    assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+    assert untimed_metrics(tmp_path / "resumed") == untimed_metrics(tmp_path / "whole")
+    assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
+    assert resumed["prequant_bpb"] == whole["prequant_bpb"] and resumed["looping_step"] == 3
+    log = (tmp_path / "resumed" / "train.log").read_text()
+    assert "checkpoint: step 4 saved" in log and "resumed from step 4" in log
+    assert not (tmp_path / "resumed" / CHECKPOINT_DIR).exists()  # the final model is what stays
+    assert not (tmp_path / "whole" / CHECKPOINT_DIR).exists()
+
+
+def test_two_step_count_runs_write_identical_train_json(pattern_config, tmp_path):
+    config = pattern_config.replace(iterations=4, val_loss_every=2, val_max_tokens=512)
+    first, second = train_run(config, tmp_path / "a"), train_run(config, tmp_path / "b")
+    assert {k: v for k, v in first.items() if k not in TIMING_FIELDS} == \
+        {k: v for k, v in second.items() if k not in TIMING_FIELDS}
+    assert first["stopped_by"] == "iterations" and first["steps"] == 4
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_divergence_message_gives_a_restart_command_that_works(pattern_config, tmp_path):
+    run_dir = tmp_path / "runs" / "lrtest" / "seed_1337"
+    config = pattern_config.replace(iterations=3, val_loss_every=0, tied_embed_lr=1e30,
+                                    matrix_lr=0.04, seed=1337, val_max_tokens=512)
+    # What parlm.run records about the invocation that made the run.
+    runlog.write_json(tmp_path / "runs" / "lrtest" / "run-20260101-000000-1.json",
+                      {"preset": "demo", "seeds": [1337], "overrides": ["matrix_lr=0.04", "iterations=3"]})
+    with pytest.raises(TrainingDiverged) as caught:
+        train_run(config, run_dir)
+    message = str(caught.value)
+    command = message[message.index("python -m parlm.run"):]
+    words = shlex.split(command)
+    assert words[:5] == ["python", "-m", "parlm.run", "--preset", "demo"]
+    flags = dict(zip(words[3::2], words[4::2]))
+    assert flags["--seeds"] == "1337" and flags["--run-id"] == "lrtest"
+    assert flags["--runs-dir"] == str(tmp_path / "runs") and words[-2:] == ["--restart-stage", "train"]
+    sets = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    # Halved rates, the reference default for the absurd one, earlier overrides kept.
+    assert sets == ["iterations=3", "matrix_lr=0.02", "scalar_lr=0.01", "tied_embed_lr=0.03"]
+
+    lowered = config.replace(**parse_overrides(sets))
+    # The old way, the same run id with lower rates, is refused as a changed config ...
+    with pytest.raises(ConfigError, match="already holds a different config"):
+        train_run(lowered, run_dir)
+    # ... the command's train stage restart (parlm.run --restart-stage train does this) trains.
+    restarted = restart_training(run_dir, parse_overrides(sets))
+    assert restarted.tied_embed_lr == 0.03 and restarted.matrix_lr == 0.02
+    summary = train_run(restarted, run_dir)
+    assert summary["diverged"] is False and math.isfinite(summary["prequant_bpb"])
+    assert (run_dir / "train.log.prev").exists()  # the diverged attempt's log
+    try:  # once parlm.run has the flag, the whole command parses as the CLI's own
+        from parlm.run import build_parser
+
+        parser = build_parser()
+    except ImportError:
+        parser = None
+    if parser is not None and any("--restart-stage" in action.option_strings for action in parser._actions):
+        args = parser.parse_args(words[3:])
+        assert args.run_id == "lrtest" and args.seeds == [1337] and args.overrides == sets
+
+
+def test_restart_clears_train_and_later_stages_and_keeps_data_settings(tmp_path, tiny_config):
+    run_dir = tmp_path / "seed_1"
+    tiny_config.save(run_dir / "config.yaml")
+    for name in ("train.json", "final_model.pt", "train.log", "quant.json"):
+        (run_dir / name).write_text("x")
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in
+                [{"stage": "data", "step": 0}, {"stage": "train", "step": 1}, {"stage": "quant"}]))
+    for stage in ("data", "train", "quant", "summary"):
+        runlog.mark_stage_done(run_dir, stage)
+    with pytest.raises(ConfigError, match="vocab_size=2048 differs"):
+        restart_training(run_dir, {"vocab_size": 2048})
+    assert runlog.stage_done(run_dir, "train")  # a refused restart changes nothing
+    removed = clear_training(run_dir)
+    assert set(removed) == {"train.json", "final_model.pt", "train.log", ".stages/train.done",
+                            ".stages/quant.done", ".stages/summary.done"}
+    assert runlog.stage_done(run_dir, "data") and not runlog.stage_done(run_dir, "quant")
+    assert [row["stage"] for row in runlog.read_metrics(run_dir)] == ["data", "quant"]
+
+
+def test_loss_stalled_at_the_uniform_predictor_is_flagged(pattern_config, tmp_path):
+    # All learning rates 50: after a few wild steps every logit saturates and the loss sits
+    # at ln(1024) = 6.9315 (issue 15 item 5). The run finishes; train.json and the log say so.
+    config = pattern_config.replace(iterations=9, val_loss_every=0, stall_steps=3, val_max_tokens=512,
+                                    matrix_lr=50.0, scalar_lr=50.0, tied_embed_lr=50.0)
+    summary = train_run(config, tmp_path)
+    rows = runlog.read_metrics(tmp_path, "train")
+    assert [row["step"] for row in rows] == list(range(1, 10))  # every step is logged
+    at_uniform = [abs(row["train_loss"] - math.log(1024)) <= 0.01 for row in rows]
+    # The first stretch of >= 3 consecutive uniform losses, by plain scanning.
+    start = next(i for i in range(len(rows) - 2) if all(at_uniform[i:i + 3]))
+    end = start
+    while end + 1 < len(rows) and at_uniform[end + 1]:
+        end += 1
+    assert summary["stalled"] is True and summary["diverged"] is False
+    assert summary["stalled_steps"] == [rows[start]["step"], rows[end]["step"]]
+    assert "(a uniform predictor) for 3 logged steps" in (tmp_path / "train.log").read_text()
+    healthy = train_run(pattern_config.replace(iterations=4, val_loss_every=0, stall_steps=3,
+                                               val_max_tokens=512), tmp_path / "ok")
+    assert healthy["stalled"] is False and healthy["stalled_steps"] is None
