@@ -1,4 +1,46 @@
-"""Fault injection (issue 15): configuration, files, the runner and training under faults."""
+"""Fault injection (issue 15): the faults a new user met, injected on CPU with tiny configs.
+
+Each fault ends in a one-line message and a known exit code, and leaves what had finished
+before it as it was (compared file by file with `snapshot`, or file by file by name). Expected
+values come from independent computations or independent runs of the same config (CPU training
+is deterministic for a fixed seed and step count), never from the code under test.
+
+The items of issue 15's acceptance list and the tests that cover them:
+
+- truncated and garbage artifact: test_resume_reruns_the_stages_after_train_and_keeps_the_rest
+  (a resume's one line; train's outputs kept, the artifact rebuilt byte for byte),
+  test_parlm_eval_cli_stops_with_one_line_naming_the_file (exit code 1, the run untouched),
+  test_every_decode_error_names_the_file, test_without_the_checkpoint_the_resume_stops_with_one_line,
+  test_eval_and_ppm_stages_verify_before_reading, test_report_does_not_claim_a_damaged_artifact_fits
+- each bad config value (BAD_VALUES: iterations=1.5, train_seq_len=0, device=gpu, matrix_lr=nan,
+  ema_decay=2, iterations=-5): test_parlm_run_refuses_before_creating_the_run_folder (exit code 2,
+  a finished run of that id untouched), test_parlm_run_cli_lists_every_problem_at_once,
+  test_bad_value_given_to_config_directly, test_bad_value_through_overrides_yaml_and_papermill_parameters
+- out-of-vocab shard: test_out_of_vocab_shard_fails_the_data_stage_and_the_check_before_training
+- SIGINT via a subprocess: test_ctrl_c_ends_with_one_line_and_the_resume_command
+- full disk: test_a_real_full_or_read_only_runs_folder_is_one_line[full] (a small tmpfs); with
+  patched writers test_full_disk_is_one_line,
+  test_a_full_disk_inside_a_notebook_fails_the_seed_in_one_line_and_keeps_what_finished,
+  test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp,
+  test_a_checkpoint_save_on_a_full_disk_leaves_no_temporary_file,
+  test_a_notebook_cut_off_mid_write_is_saved_as_valid_json
+- read-only folder: test_a_real_full_or_read_only_runs_folder_is_one_line[read-only] (a read-only
+  tmpfs, which stops root too), test_read_only_file_system_is_one_line_and_keeps_a_finished_run,
+  test_read_only_runs_folder_is_one_line (chmod; skipped as root)
+- divergence: test_divergence_message_gives_a_restart_command_that_works (exit code 1, the EMA and
+  the data stage kept, the printed command retrains),
+  test_restart_clears_train_and_later_stages_and_keeps_data_settings
+- stalled loss: test_loss_stalled_at_the_uniform_predictor_is_flagged (exit code 0, one log line,
+  train.json, summary.json, one line of the report); the report's flags alone are tested in
+  tests/test_report_summary.py
+- notebook run from another folder:
+  test_a_notebook_run_from_another_folder_uses_the_finished_seed_in_the_checkout
+- kill-and-resume of training: test_killed_run_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run
+  (SIGKILL in a subprocess, the same command resumes, weights equal an uninterrupted run's)
+- and issue 15's reproducible step-count runs: test_two_step_count_runs_write_identical_train_json
+
+The real tmpfs tests skip where `unshare -rm` cannot mount one.
+"""
 from __future__ import annotations
 
 import errno
@@ -32,12 +74,25 @@ from parlm.train import loop
 from parlm.train.checkpoint import CHECKPOINT_DIR
 from parlm.train.checks import clear_training, restart_training
 from parlm.train.loop import train_run
-from parlm.train.state import TrainingDiverged
 
 from test_run import fake_finished_stages
 from test_train import one_thread, pattern_config  # noqa: F401 - the shared fixtures (one_thread is autouse)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, relative path -> bytes: equal before and after a fault means
+    nothing finished was lost or overwritten, and nothing (no temporary file) was left."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+def write_finished_seed(seed_dir: Path) -> None:
+    """A finished seed as parlm.run leaves it, by hand: every stage result and marker."""
+    fake_finished_stages(seed_dir)
+    runlog.write_json(seed_dir / "summary.json", {"ttt_bpb": 3.0, "bytes_total": 1_000})
+    runlog.mark_stage_done(seed_dir, "summary")
 
 
 # ==============================================================================================
@@ -77,15 +132,22 @@ def test_bad_value_through_overrides_yaml_and_papermill_parameters(override, val
 
 @pytest.mark.parametrize("override,value,line", BAD_VALUES)
 def test_parlm_run_refuses_before_creating_the_run_folder(override, value, line, tmp_path, capsys):
+    """A resume of a finished run (same id) with one bad value: refused, the run untouched."""
+    write_finished_seed(tmp_path / "bad" / "seed_42")
+    before = snapshot(tmp_path)
     code = run.main(["--preset", "demo", "--seeds", "42", "--run-id", "bad", "--runs-dir", str(tmp_path),
                      "--set", override, "--quiet"])
     assert code == 2
     assert capsys.readouterr().err == f"error: {line}\n"
-    assert list(tmp_path.iterdir()) == []
+    assert snapshot(tmp_path) == before
+    assert list(tmp_path.iterdir()) == [tmp_path / "bad"]  # no other run folder either
 
 
 def test_parlm_run_cli_lists_every_problem_at_once(tmp_path):
-    """The real command line: one error, one line per bad value, exit code 2, no folder."""
+    """The real command line: one error, one line per bad value, exit code 2, no folder, the
+    finished run of that id untouched."""
+    write_finished_seed(tmp_path / "bad" / "seed_42")
+    before = snapshot(tmp_path)
     arguments = [sys.executable, "-m", "parlm.run", "--preset", "demo", "--seeds", "42",
                  "--runs-dir", str(tmp_path), "--run-id", "bad", "--quiet"]
     for override, _, _ in BAD_VALUES:
@@ -99,7 +161,7 @@ def test_parlm_run_cli_lists_every_problem_at_once(tmp_path):
     expected = {line for override, _, line in BAD_VALUES if override != "iterations=1.5"}
     assert lines[0] == f"error: {len(expected)} config problems:"
     assert {line.strip() for line in lines[1:]} == expected
-    assert list(tmp_path.iterdir()) == []
+    assert snapshot(tmp_path) == before and list(tmp_path.iterdir()) == [tmp_path / "bad"]
 
 
 def test_every_problem_is_collected_into_one_error():
@@ -351,19 +413,24 @@ def test_a_damaged_checkpoint_names_the_file(tmp_path):
     assert "retrain this seed" in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_parlm_eval_cli_stops_with_one_line_naming_the_file(seed_copy):
+@pytest.mark.parametrize("damage,fault", [
+    (truncate, "has "),
+    (garbage, "sha256 does not match quant.json (corrupted or replaced)"),
+], ids=["truncated", "garbage"])
+def test_parlm_eval_cli_stops_with_one_line_naming_the_file(seed_copy, damage, fault):
     _, run_dir = seed_copy
-    truncate(run_dir / ARTIFACT_NAME)
-    eval_before = (run_dir / "eval.json").read_bytes()
+    damage(run_dir / ARTIFACT_NAME)
+    before = snapshot(run_dir)
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "parlm.eval", "--run-dir", str(run_dir)],
                           capture_output=True, text=True, timeout=120, env=environment)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"python -m parlm.eval: error: {run_dir / ARTIFACT_NAME}: has ")
+    assert lines[0].startswith(f"python -m parlm.eval: error: {run_dir / ARTIFACT_NAME}: {fault}")
     assert "rebuild it" in lines[0]
-    assert (run_dir / "eval.json").read_bytes() == eval_before  # the finished result is untouched
+    # eval.json, nll.npz, the logs and the markers of the finished run: untouched.
+    assert snapshot(run_dir) == before
 
 
 def test_eval_and_ppm_stages_verify_before_reading(seed_copy):
@@ -434,6 +501,8 @@ def test_out_of_vocab_shard_fails_the_data_stage_and_the_check_before_training(d
     write_shard(shard, tokens)  # 3,000 tokens: another size than the cached file
     expected = (f"{shard}: token id 1030 at position 2500 >= vocab_size 1024 (max id 1030); the shard "
                 f"comes from a larger vocabulary: use its tokenizer and vocab_size, or rebuild the dataset")
+    folders = [Path(config.data_dir) / "datasets", Path(config.tokenizer_path).parent]
+    dataset = [snapshot(folder) for folder in folders]
     with pytest.raises(ShardError) as caught:
         ensure_dataset(config)
     assert str(caught.value) == expected
@@ -444,9 +513,12 @@ def test_out_of_vocab_shard_fails_the_data_stage_and_the_check_before_training(d
     with pytest.raises(ConfigError) as caught:
         check_inputs(config, 1)
     assert str(caught.value) == expected
+    capsys.readouterr()
     assert train_main(["--run-dir", str(run_dir)]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m parlm.train: error: {expected}"
+    assert capsys.readouterr().err.strip().splitlines() == [f"python -m parlm.train: error: {expected}"]
     assert not (run_dir / "train.log").exists() and not (run_dir / CHECKPOINT_NAME).exists()
+    # The checks only read: the shards (the bad one too), tokenizer and manifest stay as they were.
+    assert [snapshot(folder) for folder in folders] == dataset
 
 
 # ==============================================================================================
@@ -538,7 +610,8 @@ def test_resume_command_keeps_the_flags_and_adds_the_run_id():
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
 def test_read_only_runs_folder_is_one_line(tmp_path, capsys):
     runs = tmp_path / "runs"
-    runs.mkdir()
+    write_finished_seed(runs / "old" / "seed_1")
+    before = snapshot(runs)
     runs.chmod(0o555)
     try:
         assert run.main(["--preset", "demo", "--seeds", "1", "--runs-dir", str(runs), "--no-report"]) == 1
@@ -546,13 +619,13 @@ def test_read_only_runs_folder_is_one_line(tmp_path, capsys):
         runs.chmod(0o755)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 2 and "is not writable" in err[-1] and str(runs) in err[-1]
+    assert snapshot(runs) == before
 
 
 def test_read_only_file_system_is_one_line_and_keeps_a_finished_run(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
-    finished = runs / "old" / "seed_1"
-    runlog.write_json(finished / "summary.json", {"ttt_bpb": 3.0})
-    before = (finished / "summary.json").read_bytes()
+    write_finished_seed(runs / "old" / "seed_1")
+    before = snapshot(runs)
     real_mkdir = Path.mkdir
 
     def read_only(self, *args, **kwargs):
@@ -566,18 +639,92 @@ def test_read_only_file_system_is_one_line_and_keeps_a_finished_run(tmp_path, mo
     assert code == 1
     assert lines[-1].startswith(f"error: {runs / 'new'} is on a read-only file system")
     assert "Traceback" not in "\n".join(lines)
-    assert (finished / "summary.json").read_bytes() == before
+    assert snapshot(runs) == before
 
 
 def test_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(run.runlog, "write_json", full)
     runs = tmp_path / "runs"
+    write_finished_seed(runs / "old" / "seed_1")
+    before = snapshot(runs)
+    monkeypatch.setattr(run.runlog, "write_json", full)
     code = run.main(["--preset", "demo", "--seeds", "1", "--runs-dir", str(runs), "--run-id", "x"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "has no space left" in lines[-1] and str(runs / "x") in lines[-1]
+    assert "Traceback" not in "\n".join(lines)
+    assert snapshot(runs) == before
+
+
+# The real faults, where the machine allows it: a tmpfs mounted in a private user and mount
+# namespace (`unshare -rm`, no privilege needed where unprivileged namespaces are enabled), made
+# full or read-only (which stops root too), then `python -m parlm.run` into it. The mount lives
+# only as long as the namespace, so the script checks the folder there and prints the results.
+TMPFS_SCRIPT = """
+import json, subprocess, sys
+from pathlib import Path
+
+runs, mode = Path(sys.argv[1]), sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(runs)], check=True)
+finished = runs / "old" / "seed_1"
+(finished / ".stages").mkdir(parents=True)
+(finished / "summary.json").write_text('{"ttt_bpb": 3.0}')
+(finished / ".stages" / "summary.done").write_text("")
+if mode == "full":
+    with open(runs / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(bytes(65536))
+        except OSError:
+            pass
+else:
+    subprocess.run(["mount", "-o", "remount,ro", str(runs)], check=True)
+
+def snapshot():
+    return {str(p.relative_to(runs)): p.read_bytes().hex() for p in sorted(runs.rglob("*")) if p.is_file()}
+
+before = snapshot()
+done = subprocess.run([sys.executable, "-m", "parlm.run", "--preset", "demo", "--seeds", "1",
+                       "--runs-dir", str(runs), "--run-id", "new", "--no-report"],
+                      capture_output=True, text=True, timeout=300)
+print(json.dumps({"returncode": done.returncode, "stderr": done.stderr, "unchanged": snapshot() == before,
+                  "files": sorted(snapshot())}))
+"""
+
+
+def private_tmpfs_unavailable(folder: Path) -> str | None:
+    """Why a tmpfs cannot be mounted on `folder` in a private namespace here (None when it can)."""
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$1"', "sh",
+                            str(folder)], capture_output=True, text=True, timeout=30)
+    return None if probe.returncode == 0 else f"unshare -rm cannot mount a tmpfs: {probe.stderr.strip()}"
+
+
+@pytest.mark.parametrize("mode,fault", [("full", "has no space left (No space left on device)"),
+                                        ("read-only", "is on a read-only file system")],
+                         ids=["full", "read-only"])
+def test_a_real_full_or_read_only_runs_folder_is_one_line(tmp_path, mode, fault):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    reason = private_tmpfs_unavailable(runs)
+    if reason is not None:
+        pytest.skip(reason)
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", TMPFS_SCRIPT, str(runs), mode],
+                          capture_output=True, text=True, timeout=360, env=environment)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = result["stderr"].strip().splitlines()
+    assert result["returncode"] == 1, result["stderr"]
+    assert "Traceback" not in result["stderr"] and len(lines) == 1
+    assert lines[0].startswith(f"error: {runs}") and fault in lines[0]
+    assert lines[0].endswith(f"free space or choose another folder with --runs-dir (runs folder: {runs})")
+    # The finished run is as it was and no temporary file is left behind.
+    assert result["unchanged"] is True
+    assert result["files"] == (["filler"] if mode == "full" else []) + ["old/seed_1/.stages/summary.done",
+                                                                        "old/seed_1/summary.json"]
 
 
 def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -597,6 +744,56 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quant.json"]
 
 
+def test_a_checkpoint_save_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "final_model.pt"
+    loop._save_state_dict({"w": torch.ones(2)}, path)
+
+    def full(obj, target):
+        Path(target).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        loop._save_state_dict({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["final_model.pt"]
+
+
+# A stage's result written when the disk is full: a part lands on disk, then ENOSPC.
+FULL_DISK = """import errno
+from pathlib import Path
+from parlm import runlog
+real_write_bytes = Path.write_bytes
+def disk_full(self, data):
+    real_write_bytes(self, data[: len(data) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device", str(self))
+Path.write_bytes = disk_full
+runlog.write_json(Path(run_dir) / "train.json", {"steps": 3})"""
+
+
+def test_a_full_disk_inside_a_notebook_fails_the_seed_in_one_line_and_keeps_what_finished(tmp_path, capsys):
+    plan = stand_in_plan(tmp_path, {"01_quick": QUICK, "02_full": FULL_DISK})
+    seed_dir = plan.seed_dir(1)
+    code = run.run_cli(plan, ["--preset", "demo", "--seeds", "1", "--run-id", "t"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    failed = [line for line in err.splitlines() if line.startswith("[seed 1] FAILED")]
+    assert len(failed) == 1
+    assert failed[0].startswith("[seed 1] FAILED: 02_full.ipynb failed in cell ")
+    assert ": OSError: [Errno 28] No space left on device: " in failed[0]
+    assert err.strip().splitlines()[-1] == (f"stopped; finished seeds stay in {plan.run_root}. Fix the error "
+                                            f"and rerun with --run-id t to resume.")
+    # The finished notebook, its output and marker stay; the failed one is valid JSON; the
+    # half-written result and its temporary file are gone.
+    assert (seed_dir / "quick.txt").read_text() == "done"
+    assert runlog.stage_done(seed_dir, run.notebook_marker("01_quick"))
+    assert not runlog.stage_done(seed_dir, run.notebook_marker("02_full"))
+    nbformat.read(seed_dir / "02_full.FAILED.ipynb", as_version=4)
+    assert sorted(p.name for p in seed_dir.iterdir() if p.is_file()) == [
+        "01_quick.ipynb", "02_full.FAILED.ipynb", "config.yaml", "quick.txt"]
+
+
 def test_a_notebook_cut_off_mid_write_is_saved_as_valid_json(tmp_path):
     source = tmp_path / "03_train.ipynb"
     write_notebook(source, "print(1)")
@@ -613,20 +810,37 @@ def test_a_notebook_cut_off_mid_write_is_saved_as_valid_json(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Paths from the checkout, a stage opened twice
 
-def test_a_notebook_run_from_another_folder_resolves_run_dir_in_the_checkout(tmp_path):
-    import papermill
-
+def test_a_notebook_run_from_another_folder_uses_the_finished_seed_in_the_checkout(tmp_path):
+    """`papermill` run in another folder, as issue 15 found it: the notebook's relative run_dir
+    is the checkout's, its finished stages are found (nothing runs again, nothing is
+    overwritten) and nothing lands in the folder papermill was started from."""
+    name = f"test_faults_{os.getpid()}_{time.time_ns()}"
+    seed_dir = PROJECT_ROOT / "runs" / name / "seed_3"
     source = tmp_path / "where.ipynb"
-    write_notebook(source, 'from parlm import pipeline\nprint(pipeline.project_path(run_dir))',
-                   parameters='run_dir = "runs/notebooks/seed_42"\n')
+    write_notebook(source, 'from parlm import pipeline\n'
+                           'config = pipeline.stage(preset, run_dir, seed, overrides, "summary")\n'
+                           'print(pipeline.project_path(run_dir))',
+                   parameters=f'preset = "demo"\nrun_dir = "runs/{name}/seed_3"\nseed = 3\noverrides = []\n')
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    output = tmp_path / "out.ipynb"
-    papermill.execute_notebook(str(source), str(output), kernel_name="python3", cwd=str(elsewhere),
-                               progress_bar=False)
-    printed = nbformat.read(output, as_version=4).cells[-1].outputs[0]["text"].strip()
-    assert printed == str(PROJECT_ROOT / "runs" / "notebooks" / "seed_42")
-    assert not (elsewhere / "runs").exists()
+    try:
+        pipeline.prepare_run(Config.from_preset("demo").replace(seed=3), seed_dir)
+        write_finished_seed(seed_dir)
+        before = snapshot(seed_dir)
+        environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "papermill", str(source), str(tmp_path / "out.ipynb"),
+                               "-k", "python3", "--no-progress-bar"], cwd=elsewhere, env=environment,
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        printed = [output.get("text", "") for output in
+                   nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs]
+        assert "".join(printed).strip().splitlines() == [
+            f"summary stage already done in {seed_dir}; showing its results (redo=True runs it again)",
+            str(seed_dir)]
+        assert snapshot(seed_dir) == before
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        shutil.rmtree(seed_dir.parent, ignore_errors=True)
 
 
 def test_stage_opened_twice_does_not_redo_a_finished_stage(tmp_path, monkeypatch, capsys):
@@ -684,26 +898,6 @@ def test_quiet_terminal_prints_one_line_per_notebook(tmp_path, capsys):
     assert "kernel: python3 (" in captured.err
 
 
-def test_a_checkpoint_save_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
-    import torch
-
-    from parlm.train import loop
-
-    path = tmp_path / "final_model.pt"
-    loop._save_state_dict({"w": torch.ones(2)}, path)
-
-    def full(obj, target):
-        Path(target).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device", str(target))
-
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match="No space left"):
-        loop._save_state_dict({"w": torch.zeros(2)}, path)
-    monkeypatch.undo()
-    assert torch.equal(torch.load(path)["w"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["final_model.pt"]
-
-
 # ==============================================================================================
 # Training: a killed run resumes exactly, divergence, a loss stalled at the uniform predictor
 
@@ -726,39 +920,52 @@ def assert_same_weights(run_a, run_b) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-class Killed(RuntimeError):
-    """Stands for the process being killed in the middle of a step."""
+# Training killed in step 5, after the checkpoint of step 4: SIGKILL, so no Python clean-up runs.
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from parlm.train import loop
+torch.set_num_threads(1)  # as the one_thread fixture: the uninterrupted run's arithmetic
+real_step = loop.Trainer.step
+def killed_in_step_5(self, step, lr_scale):
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(self, step, lr_scale)
+loop.Trainer.step = killed_in_step_5
+sys.exit(loop.main(sys.argv[1:]))
+"""
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(pattern_config, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 capsys):
     # Looping switches on at step 3 (frac 2/6 < 0.35 <= 3/6), before the checkpoint of step 4.
     config = pattern_config.replace(iterations=6, val_loss_every=4, checkpoint_every_steps=2,
                                     val_max_tokens=512)
     whole = train_run(config, tmp_path / "whole")
 
-    real_step = loop.Trainer.step
+    run_dir = tmp_path / "resumed"
+    config.save(run_dir / "config.yaml")
+    runlog.mark_stage_done(run_dir, "data")  # a finished stage before training
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=240, env=environment)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert json.loads((run_dir / CHECKPOINT_DIR / "latest.json").read_text())["step"] == 4
+    assert not (run_dir / "final_model.pt").exists() and not (run_dir / "train.json").exists()
+    capsys.readouterr()
+    assert loop.main(["--run-dir", str(run_dir)]) == 0  # the same command again resumes
+    resumed_lines = [line for line in capsys.readouterr().out.splitlines() if "resumed from step" in line]
+    assert len(resumed_lines) == 1 and resumed_lines[0].startswith("resumed from step 4 (")
+    resumed = json.loads((run_dir / "train.json").read_text())
 
-    def dies_in_step_5(self, step, lr_scale):
-        if step == 4:
-            raise Killed("killed during step 5")
-        return real_step(self, step, lr_scale)
-
-    monkeypatch.setattr(loop.Trainer, "step", dies_in_step_5)
-    with pytest.raises(Killed):
-        train_run(config, tmp_path / "resumed")
-    assert json.loads((tmp_path / "resumed" / CHECKPOINT_DIR / "latest.json").read_text())["step"] == 4
-    assert not (tmp_path / "resumed" / "final_model.pt").exists()
-    monkeypatch.setattr(loop.Trainer, "step", real_step)
-    resumed = train_run(config, tmp_path / "resumed")
-
-    assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
-    assert untimed_metrics(tmp_path / "resumed") == untimed_metrics(tmp_path / "whole")
+    assert_same_weights(tmp_path / "whole", run_dir)
+    assert untimed_metrics(run_dir) == untimed_metrics(tmp_path / "whole")
     assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
     assert resumed["prequant_bpb"] == whole["prequant_bpb"] and resumed["looping_step"] == 3
-    log = (tmp_path / "resumed" / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
     assert "checkpoint: step 4 saved" in log and "resumed from step 4" in log
-    assert not (tmp_path / "resumed" / CHECKPOINT_DIR).exists()  # the final model is what stays
+    assert runlog.stage_done(run_dir, "data")  # kept through the kill and the resume
+    assert not (run_dir / CHECKPOINT_DIR).exists()  # the final model is what stays
     assert not (tmp_path / "whole" / CHECKPOINT_DIR).exists()
 
 
@@ -771,16 +978,27 @@ def test_two_step_count_runs_write_identical_train_json(pattern_config, tmp_path
     assert_same_weights(tmp_path / "a", tmp_path / "b")
 
 
-def test_divergence_message_gives_a_restart_command_that_works(pattern_config, tmp_path):
+def test_divergence_message_gives_a_restart_command_that_works(pattern_config, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "lrtest" / "seed_1337"
     config = pattern_config.replace(iterations=3, val_loss_every=0, tied_embed_lr=1e30,
                                     matrix_lr=0.04, seed=1337, val_max_tokens=512)
     # What parlm.run records about the invocation that made the run.
     runlog.write_json(tmp_path / "runs" / "lrtest" / "run-20260101-000000-1.json",
                       {"preset": "demo", "seeds": [1337], "overrides": ["matrix_lr=0.04", "iterations=3"]})
-    with pytest.raises(TrainingDiverged) as caught:
-        train_run(config, run_dir)
-    message = str(caught.value)
+    config.save(tmp_path / "diverging.yaml")
+    runlog.mark_stage_done(run_dir, "data")  # a finished stage before training
+    assert loop.main(["--run-dir", str(run_dir), "--config", str(tmp_path / "diverging.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("python -m parlm.train: error: ")]
+    assert errors == [err.strip().splitlines()[-1]]
+    message = errors[0].removeprefix("python -m parlm.train: error: ")
+    assert message.startswith("training diverged: non-finite loss/gradient/weights at step ")
+    # What it kept: the EMA of the steps before the blow-up, finite; the data stage.
+    train = json.loads((run_dir / "train.json").read_text())
+    assert train["diverged"] is True and train["stopped_by"] == "diverged"
+    assert all(torch.isfinite(tensor).all() for tensor in torch.load(run_dir / CHECKPOINT_NAME).values())
+    assert runlog.stage_done(run_dir, "data")
     command = message[message.index("python -m parlm.run"):]
     words = shlex.split(command)
     assert words[:5] == ["python", "-m", "parlm.run", "--preset", "demo"]
@@ -801,15 +1019,10 @@ def test_divergence_message_gives_a_restart_command_that_works(pattern_config, t
     summary = train_run(restarted, run_dir)
     assert summary["diverged"] is False and math.isfinite(summary["prequant_bpb"])
     assert (run_dir / "train.log.prev").exists()  # the diverged attempt's log
-    try:  # once parlm.run has the flag, the whole command parses as the CLI's own
-        from parlm.run import build_parser
-
-        parser = build_parser()
-    except ImportError:
-        parser = None
-    if parser is not None and any("--restart-stage" in action.option_strings for action in parser._actions):
-        args = parser.parse_args(words[3:])
-        assert args.run_id == "lrtest" and args.seeds == [1337] and args.overrides == sets
+    assert runlog.stage_done(run_dir, "data")
+    args = run.build_parser().parse_args(words[3:])  # the whole command is parlm.run's own
+    assert args.run_id == "lrtest" and args.seeds == [1337] and args.overrides == sets
+    assert args.restart_stage == "train"
 
 
 def test_restart_clears_train_and_later_stages_and_keeps_data_settings(tmp_path, tiny_config):
@@ -832,13 +1045,34 @@ def test_restart_clears_train_and_later_stages_and_keeps_data_settings(tmp_path,
     assert [row["stage"] for row in runlog.read_metrics(run_dir)] == ["data", "quant"]
 
 
-def test_loss_stalled_at_the_uniform_predictor_is_flagged(pattern_config, tmp_path):
-    # All learning rates 50: after a few wild steps every logit saturates and the loss sits
-    # at ln(1024) = 6.9315 (issue 15 item 5). The run finishes; train.json and the log say so.
-    config = pattern_config.replace(iterations=9, val_loss_every=0, stall_steps=3, val_max_tokens=512,
-                                    matrix_lr=50.0, scalar_lr=50.0, tied_embed_lr=50.0)
-    summary = train_run(config, tmp_path)
-    rows = runlog.read_metrics(tmp_path, "train")
+# The stage results after training, by hand (the report needs them; none is rerun here).
+AFTER_TRAINING = {
+    "quant.json": {"bytes_model": 900_000, "bytes_code": 20_000, "bytes_total": 920_000},
+    "eval.json": {"quantized_bpb": 3.2, "sliding_bpb": 3.15, "ttt_bpb": 3.0, "eval_clock_seconds": 30.0,
+                  "eval_projection_seconds": 120.0, "eval_projection_budget_seconds": 600.0,
+                  "eval_projection_target": "8xH100"},
+    "ppm.json": {"mix_bpb": 2.5},
+}
+
+
+def test_loss_stalled_at_the_uniform_predictor_is_flagged(pattern_config, tmp_path, capsys):
+    """All learning rates 50: after a few wild steps every logit saturates and the loss sits at
+    ln(1024) = 6.9315 (issue 15 item 5). The run finishes (exit code 0) and says so in one log
+    line, train.json, summary.json and one line of the report; a healthy seed is not flagged."""
+    runs = tmp_path / "run"
+    stalled_dir, healthy_dir = runs / "seed_1", runs / "seed_2"
+    stalling = pattern_config.replace(iterations=9, val_loss_every=0, stall_steps=3, val_max_tokens=512,
+                                      matrix_lr=50.0, scalar_lr=50.0, tied_embed_lr=50.0, seed=1)
+    healthy = pattern_config.replace(iterations=4, val_loss_every=0, stall_steps=3, val_max_tokens=512, seed=2)
+    for config, run_dir in ((stalling, stalled_dir), (healthy, healthy_dir)):
+        config.save(tmp_path / f"{run_dir.name}.yaml")
+        capsys.readouterr()
+        assert loop.main(["--run-dir", str(run_dir), "--config", str(tmp_path / f"{run_dir.name}.yaml")]) == 0
+        printed = capsys.readouterr()
+        warnings = [line for line in (printed.out + printed.err).splitlines() if "uniform predictor" in line]
+        assert len(warnings) == (1 if run_dir is stalled_dir else 0) and "Traceback" not in printed.err
+
+    rows = runlog.read_metrics(stalled_dir, "train")
     assert [row["step"] for row in rows] == list(range(1, 10))  # every step is logged
     at_uniform = [abs(row["train_loss"] - math.log(1024)) <= 0.01 for row in rows]
     # The first stretch of >= 3 consecutive uniform losses, by plain scanning.
@@ -846,9 +1080,23 @@ def test_loss_stalled_at_the_uniform_predictor_is_flagged(pattern_config, tmp_pa
     end = start
     while end + 1 < len(rows) and at_uniform[end + 1]:
         end += 1
-    assert summary["stalled"] is True and summary["diverged"] is False
-    assert summary["stalled_steps"] == [rows[start]["step"], rows[end]["step"]]
-    assert "(a uniform predictor) for 3 logged steps" in (tmp_path / "train.log").read_text()
-    healthy = train_run(pattern_config.replace(iterations=4, val_loss_every=0, stall_steps=3,
-                                               val_max_tokens=512), tmp_path / "ok")
-    assert healthy["stalled"] is False and healthy["stalled_steps"] is None
+    steps = [rows[start]["step"], rows[end]["step"]]
+    train = json.loads((stalled_dir / "train.json").read_text())
+    assert train["stalled"] is True and train["diverged"] is False and train["stalled_steps"] == steps
+    log = (stalled_dir / "train.log").read_text()
+    log_lines = [line for line in log.splitlines() if "uniform predictor" in line]
+    assert len(log_lines) == 1 and "(a uniform predictor) for 3 logged steps" in log_lines[0]
+    assert json.loads((healthy_dir / "train.json").read_text())["stalled"] is False
+
+    for run_dir in (stalled_dir, healthy_dir):  # the per-seed summary carries the record
+        for name, content in AFTER_TRAINING.items():
+            runlog.write_json(run_dir / name, content)
+        report.summarize_seed(run_dir)
+    assert json.loads((stalled_dir / "summary.json").read_text())["stalled_steps"] == steps
+    assert json.loads((healthy_dir / "summary.json").read_text())["stalled"] is False
+    result = report.build_report(runs, baseline=None, plots=False, submission=False)
+    flags = [line for line in (runs / "report" / "table.md").read_text().splitlines() if "STALLED" in line]
+    assert flags == [f"- warning: seed 1 STALLED: its train loss sat at ln(vocab_size), a uniform predictor, "
+                     f"over steps {steps[0]}..{steps[1]}; its scores are those of a model that did not learn "
+                     f"(train.json stalled=true: lower the learning rates and retrain it)"]
+    assert result["seed_flags"] == [flags[0].removeprefix("- ")]
