@@ -13,8 +13,9 @@ from parlm.config import Config
 
 
 def write_seed(run_root: Path, seed: int, ttt_bpb: float, bytes_model: int,
-               skip: tuple[str, ...] = ()) -> Path:
-    """A seed folder with hand-written stage result files (the contract's key names)."""
+               skip: tuple[str, ...] = (), extra: dict[str, dict] | None = None) -> Path:
+    """A seed folder with hand-written stage result files (the contract's key names);
+    `extra` adds keys to a file ({"train.json": {"stalled": True}})."""
     run_dir = run_root / f"seed_{seed}"
     run_dir.mkdir(parents=True)
     Config().replace(seed=seed).save(run_dir / "config.yaml")
@@ -33,6 +34,7 @@ def write_seed(run_root: Path, seed: int, ttt_bpb: float, bytes_model: int,
                      "gate_skip": 0.25, "bytes": 12345, "seconds": 0.75, "subset_tokens": 0},
     }
     for name, content in files.items():
+        content.update((extra or {}).get(name, {}))
         if name not in skip:
             (run_dir / name).write_text(json.dumps(content))
     metrics = [{"stage": "train", "step": s, "train_loss": 6.0 - s / 50} for s in range(0, 100, 10)]
@@ -175,3 +177,67 @@ def test_training_curves_mark_each_seeds_looping_switch_and_its_scores(tmp_path)
     assert texts == ["1.5100", "1.5100", "1.5200", "1.5200", "EMA − live +0.010", "EMA − live +0.010"]
     caption = figure.get_supxlabel()
     assert "ema_decay" in caption and "lags" in caption
+
+
+# Projection fields as parlm.eval.budget.projection_for_run writes them into eval.json.
+def projection(seconds: float, clock: float = 30.0) -> dict:
+    return {"eval_clock_seconds": clock, "eval_projection_seconds": seconds,
+            "eval_projection_target": "8xH100", "eval_projection_budget_seconds": 600.0,
+            "eval_projection_over_budget": seconds > 600.0}
+
+
+def test_summary_carries_the_stall_record_and_the_eval_projection(tmp_path):
+    run_dir = write_seed(tmp_path, 7, 1.5, 1_000_000, extra={
+        "train.json": {"stalled": True, "stalled_steps": [4, 12]},
+        "eval.json": projection(612.5, clock=41.25)})
+    report.summarize_seed(run_dir)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["stalled"] is True and on_disk["stalled_steps"] == [4, 12]
+    assert on_disk["eval_clock_seconds"] == 41.25 and on_disk["eval_projection_seconds"] == 612.5
+    assert on_disk["eval_projection_target"] == "8xH100"
+    assert on_disk["eval_projection_budget_seconds"] == 600.0
+    assert on_disk["eval_projection_over_budget"] is True
+    # Stage files from before these fields: the summary holds None, and nothing is flagged.
+    old = write_seed(tmp_path, 8, 1.5, 1_000_000)
+    summary = report.summarize_seed(old)
+    assert summary["stalled"] is None and summary["eval_projection_seconds"] is None
+    assert report.seed_flags([summary]) == []
+
+
+def test_report_flags_a_stalled_seed_and_an_eval_projected_over_600_seconds(tmp_path, capsys):
+    run_root = tmp_path / "run"
+    write_seed(run_root, 42, 1.50, 1_000_000, extra={"train.json": {"stalled": False, "stalled_steps": None},
+                                                     "eval.json": projection(540.0)})
+    write_seed(run_root, 314, 6.93, 1_000_000, extra={"train.json": {"stalled": True, "stalled_steps": [3, 9]},
+                                                      "eval.json": projection(600.0)})  # at the cap: fits
+    write_seed(run_root, 999, 1.51, 1_000_000, extra={"eval.json": projection(600.5, clock=52.0)})
+    out = tmp_path / "out"
+    result = report.build_report(run_root, None, out, plots=False, submission=False)
+    flags = result["seed_flags"]
+    assert len(flags) == 2 and all("\n" not in flag for flag in flags)
+    stalled, over = flags
+    assert stalled.startswith("warning: seed 314 STALLED:") and "steps 3..9" in stalled
+    assert over.startswith("warning: seed 999 OVER the eval budget: projected 600.5 s on 8xH100 "
+                           "exceeds 600 s") and "measured 52.0 s here" in over
+    assert json.loads((out / "report.json").read_text())["seed_flags"] == flags
+    # Each flag is one line of table.md (what parlm.run prints last) and of the printed report.
+    table_lines = (out / "table.md").read_text().splitlines()
+    assert table_lines[:7] == report.markdown_table(result["summaries"], result["statistics"]).splitlines()
+    assert table_lines[7:] == ["", f"- {stalled}", f"- {over}"]
+    printed = report.format_report(result, table=False).splitlines()
+    assert [line for line in printed if line.startswith("warning: seed")] == flags
+    assert report.main(["--run-root", str(run_root), "--baseline", "none", "--out", str(tmp_path / "cli"),
+                        "--no-plots", "--no-submission"]) == 0
+    assert sum(line in flags for line in capsys.readouterr().out.splitlines()) == 2
+
+
+def test_a_healthy_run_has_no_flags_and_an_unchanged_table(tmp_path):
+    run_root = tmp_path / "run"
+    for seed in (1, 2):
+        write_seed(run_root, seed, 1.5, 1_000_000, extra={"train.json": {"stalled": False},
+                                                          "eval.json": projection(120.0)})
+    result = report.build_report(run_root, None, tmp_path / "out", plots=False, submission=False)
+    assert result["seed_flags"] == []
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table == report.markdown_table(result["summaries"], result["statistics"]) + "\n"
+    assert "warning" not in report.format_report(result)

@@ -40,7 +40,8 @@ _SOURCES = (
      {"steps": "steps", "train_seconds": "train_seconds", "prequant_bpb": "prequant_bpb",
       "prequant_seconds": "prequant_seconds", "live_val_bpb": "live_val_bpb",
       "peak_memory_mib": "peak_memory_mib", "world_size": "world_size", "device": "device",
-      "attention_backend": "attention_backend", "looping_step": "looping_step"},
+      "attention_backend": "attention_backend", "looping_step": "looping_step",
+      "stalled": "stalled", "stalled_steps": "stalled_steps"},
      ("steps", "train_seconds", "prequant_bpb")),
     ("quant",
      {"bytes_model": "bytes_model", "bytes_code": "bytes_code", "bytes_total": "bytes_total",
@@ -51,7 +52,11 @@ _SOURCES = (
      {"quantized_bpb": "quantized_bpb", "sliding_bpb": "sliding_bpb", "ttt_bpb": "ttt_bpb",
       "quantized_seconds": "quantized_seconds", "sliding_seconds": "sliding_seconds",
       "ttt_seconds": "ttt_seconds", "compile_seconds": "compile_seconds",
-      "mix_valid_bpb": "mix_valid_bpb"},
+      "mix_valid_bpb": "mix_valid_bpb", "eval_clock_seconds": "eval_clock_seconds",
+      "eval_projection_seconds": "eval_projection_seconds",
+      "eval_projection_target": "eval_projection_target",
+      "eval_projection_budget_seconds": "eval_projection_budget_seconds",
+      "eval_projection_over_budget": "eval_projection_over_budget"},
      ("quantized_bpb", "ttt_bpb")),
     ("ppm",
      {"mix_bpb_legacy": "mix_bpb", "ppm_only_bpb": "ppm_only_bpb", "nn_only_bpb": "nn_only_bpb",
@@ -61,6 +66,8 @@ _SOURCES = (
 )
 EVAL_SECONDS_KEYS = ("prequant_seconds", "quantized_seconds", "sliding_seconds", "ttt_seconds",
                      "ppm_seconds")
+# The contest's evaluation cap (seconds on 8xH100), for a seed whose eval.json records no budget.
+EVAL_BUDGET_SECONDS = 600.0
 
 
 class MissingStageError(FileNotFoundError):
@@ -92,7 +99,9 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     Keys: seed, steps, train_seconds, prequant_bpb, quantized_bpb, sliding_bpb, ttt_bpb,
     mix_bpb_legacy (ppm.json mix_bpb: NOT a valid BPB, SPEC 6.6), bytes_model, bytes_code,
     bytes_total, the seconds of each evaluation stage (prequant, quantized, sliding, ttt, ppm)
-    and their sum `eval_seconds_total`, plus the optional extras the stage files carry.
+    and their sum `eval_seconds_total`, plus the optional extras the stage files carry: among
+    them train.json's `stalled`/`stalled_steps` and eval.json's contest clock
+    (`eval_clock_seconds`) and 8xH100 projection (`eval_projection_*`), which `seed_flags` reads.
     A missing file raises MissingStageError naming the stage and the command that makes it; an
     artifact that differs from quant.json's record raises ArtifactError (file and fix)."""
     run_dir = Path(run_dir)
@@ -176,6 +185,36 @@ def artifact_problems(run_root: str | Path) -> list[str]:
         if fault is not None:
             problems.append(str(ArtifactError(fault[0], fault[1], rebuild_fix(directory))))
     return problems
+
+
+def seed_flags(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per seed problem that its BPBs do not show, in seed order:
+
+    - stalled: train.json `stalled` (the logged train loss sat within the stall tolerance of
+      ln(vocab_size), a uniform predictor, for `stall_steps` steps): the seed's scores are
+      those of a model that did not learn;
+    - over budget: `eval_projection_seconds` > `eval_projection_budget_seconds` (600 s when
+      eval.json records none): the evaluation would not fit the contest's cap on the target
+      machine. A summary without a projection (an older eval.json) is not flagged."""
+    flags = []
+    for summary in summaries:
+        seed = summary.get("seed")
+        if summary.get("stalled"):
+            first, last = summary.get("stalled_steps") or ("?", "?")
+            flags.append(f"warning: seed {seed} STALLED: its train loss sat at ln(vocab_size), a "
+                         f"uniform predictor, over steps {first}..{last}; its scores are those of a "
+                         f"model that did not learn (train.json stalled=true: lower the learning "
+                         f"rates and retrain it)")
+        projected = summary.get("eval_projection_seconds")
+        budget = summary.get("eval_projection_budget_seconds") or EVAL_BUDGET_SECONDS
+        if isinstance(projected, (int, float)) and projected > budget:
+            target = summary.get("eval_projection_target") or "the target machine"
+            clock = summary.get("eval_clock_seconds")
+            measured = f"; measured {clock:.1f} s here" if isinstance(clock, (int, float)) else ""
+            flags.append(f"warning: seed {seed} OVER the eval budget: projected {projected:.1f} s on "
+                         f"{target} exceeds {budget:.0f} s (eval.json eval_projection_seconds"
+                         f"{measured})")
+    return flags
 
 
 def comparability(ours: set[str], theirs: set[str]) -> tuple[bool | None, str | None]:
@@ -262,8 +301,9 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
     """Write the multi-seed report of `run_root` into `out_dir` (default `<run_root>/report`).
 
     Files: `report.json` (per-seed summaries, column statistics, worst-case bytes_total and the
-    cap check, Welch test of ttt_bpb against the baseline with a `comparable` flag: False when
-    the baseline ran on another dataset), `table.md`, `plots/*.png`, and
+    cap check, `seed_flags` (a stalled seed, an evaluation projected over budget), Welch test of
+    ttt_bpb against the baseline with a `comparable` flag: False when the baseline ran on
+    another dataset), `table.md` (the table, then one line per seed flag), `plots/*.png`, and
     `submission/` (from parlm.submission). Returns the report dict."""
     run_root = Path(run_root)
     out_dir = Path(out_dir) if out_dir is not None else run_root / "report"
@@ -283,6 +323,7 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
         # No verdict on a size whose file is damaged or gone: it no longer describes an artifact.
         "fits_cap": None if worst is None or damaged else worst <= ARTIFACT_CAP_BYTES,
         "artifact_problems": damaged,
+        "seed_flags": seed_flags(summaries),
     }
     base: list[dict[str, Any]] = []
     label = "baseline"
@@ -303,7 +344,9 @@ def build_report(run_root: str | Path, baseline: str | Path | None = "pr1858",
             entry["welch_note"] = str(exc)
         report["baseline"] = entry
     table = markdown_table(summaries, stats)
-    (out_dir / "table.md").write_text(table + "\n")
+    # Below the table, which parlm.run prints at the end, so a flagged seed is seen there.
+    flag_lines = ["", *(f"- {flag}" for flag in report["seed_flags"])] if report["seed_flags"] else []
+    (out_dir / "table.md").write_text("\n".join([table, *flag_lines]) + "\n")
     if plots:
         from parlm.report import plots as plotting
 
@@ -331,6 +374,7 @@ def format_report(report: dict[str, Any], table: bool = True) -> str:
     elif worst is not None:
         verdict = "fits" if report["fits_cap"] else "EXCEEDS"
         lines.append(f"worst-case bytes_total {worst:,} {verdict} the {ARTIFACT_CAP_BYTES:,}-byte cap")
+    lines.extend(report.get("seed_flags") or [])
     baseline = report.get("baseline")
     if baseline:
         if baseline.get("comparability_note"):
