@@ -2,6 +2,7 @@
 computed here by hand from the fixture (never by the plotting code), and units on every axis."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -50,6 +51,12 @@ def test_stage_deltas_are_per_seed_changes_from_prequant():
     absolute = {line.get_label(): line.get_ydata() for line in bpb_ax.get_lines()}
     np.testing.assert_allclose(absolute["seed 314"], [2.100, 2.102, 2.101, 2.099])
     assert "bits/byte" in bpb_ax.get_ylabel()
+    # One legend for both panels, outside them: it covers neither the notes nor a seed's line.
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["seed 42", "seed 314"]
+    figure.canvas.draw()
+    for ax in figure.axes:
+        assert not legend.get_window_extent().overlaps(ax.get_window_extent())
 
 
 def test_gate_summary_in_percent_with_the_legend_clear_of_the_bars():
@@ -63,6 +70,35 @@ def test_gate_summary_in_percent_with_the_legend_clear_of_the_bars():
     legend_box = legend.get_window_extent()
     for patch in bpb_ax.patches:
         assert not legend_box.overlaps(patch.get_window_extent())
+
+
+def write_run(folder, live, ema, decay=0.97):
+    """A seed folder with the metrics the training curves read: live validations at
+    `live` [(step, bpb)], the EMA score `ema` (step, bpb) and a config with `decay`."""
+    from parlm.config import Config
+
+    folder.mkdir(parents=True)
+    rows = [{"stage": "train", "step": step, "train_loss": 5.0 - step / 100, "lr_scale": 1.0}
+            for step in (1, 10, 20)]
+    rows += [{"stage": "val", "step": step, "val_bpb": bpb} for step, bpb in live]
+    rows.append({"stage": "prequant", "step": ema[0], "val_bpb": ema[1]})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    Config.from_preset("demo").replace(ema_decay=decay).save(folder / "config.yaml")
+    return folder
+
+
+def test_training_curves_put_the_ema_gap_in_the_legend(tmp_path):
+    # Two seeds stopping at the same step: gaps 2.67 - 2.46 = +0.21 and 2.64 - 2.42 = +0.22.
+    folders = [write_run(tmp_path / "seed_42", [(0, 3.7), (20, 2.46)], (20, 2.67)),
+               write_run(tmp_path / "seed_314", [(0, 3.7), (20, 2.42)], (20, 2.64))]
+    figure = plots.training_curves(folders)
+    assert_labelled(figure, unit_words=("nats/token", "bits/byte"))
+    loss_ax, val_ax = figure.axes
+    entries = [text.get_text() for text in val_ax.get_legend().get_texts()]
+    assert "seed 42 EMA (pre-quant): +0.210 vs live" in entries
+    assert "seed 314 EMA (pre-quant): +0.220 vs live" in entries
+    assert not val_ax.texts  # no notes beside the stars, where the seeds' would overlap
+    assert "0.97" in figure.get_supxlabel() and "~33 steps" in figure.get_supxlabel()
 
 
 def test_ema_caption_names_the_decay_and_its_window():
@@ -130,3 +166,36 @@ def test_mixture_weight_along_the_stream_is_the_windowed_lambda():
     # window = max(1, min(2, 6 // 10 or 1)) = 1 traced byte: the line is lambda itself.
     np.testing.assert_allclose(weight.get_ydata(), lam)
     assert "%" in share_ax.get_ylabel()
+    # The bottom panel: the small shares on their own scale (choices 0 and 2 of the fixture),
+    # with each share of the whole stream in the legend (2 of 6 bytes each: 33.33%).
+    shares = {line.get_label(): line.get_ydata() for line in share_ax.get_lines()}
+    assert set(shares) == {"ungated: λ = 0.05 (trust PPM): 33.33% of the stream",
+                           "gated: skip, λ = 1 (NN alone): 33.33% of the stream"}
+    np.testing.assert_allclose(shares["gated: skip, λ = 1 (NN alone): 33.33% of the stream"],
+                               [100, 100, 0, 0, 0, 0])
+    assert any("the rest (33.3% of the stream): ungated: λ = 0.9" in text.get_text()
+               for text in share_ax.texts)
+
+
+def test_choice_labels_carry_the_traced_lambda_values():
+    traces = synthetic_traces()
+    assert ppm_plots.choice_labels(traces) == ("ungated: λ = 0.05 (trust PPM)",
+                                               "ungated: λ = 0.9 (trust NN)",
+                                               "gated: skip, λ = 1 (NN alone)")
+    only_skips = dict(traces, trace_lambda_choice=np.full(6, 2, dtype=np.int8))
+    assert ppm_plots.choice_labels(only_skips)[0] == ppm_plots.CHOICE_LABELS[0]  # no value seen
+
+
+def test_gate_skip_rates_are_percent_of_each_position():
+    stats = np.zeros((32, 3), dtype=np.int64)
+    stats[0] = (6, 2, 2)  # 10 bytes at position 0, 2 skipped: 20%
+    stats[3] = (1, 2, 1)  # 4 bytes at position 3, 1 skipped: 25%
+    traces = {"position_stats": stats, "token_stats": np.zeros((4, 3), dtype=np.int64),
+              "token_frequency": np.zeros(4, dtype=np.int64)}
+    figure = ppm_plots.gate_skip_by_position_and_frequency(traces)
+    assert_labelled(figure)
+    left = figure.axes[0]
+    assert [patch.get_height() for patch in left.patches] == [pytest.approx(20), pytest.approx(25)]
+    figure.canvas.draw()
+    top = left.get_window_extent().y1
+    assert all(text.get_window_extent().y1 <= top for text in left.texts)  # counts not clipped

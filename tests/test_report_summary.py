@@ -171,10 +171,11 @@ def test_training_curves_mark_each_seeds_looping_switch_and_its_scores(tmp_path)
     vertical = sorted(line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == ":")
     assert vertical == [35, 45]
     labels = val_ax.get_legend_handles_labels()[1]
-    assert labels == ["seed 42 live", "seed 42 EMA (pre-quant)", "seed 314 live", "seed 314 EMA (pre-quant)"]
+    # Each star's entry holds the gap EMA - live = 1.52 - 1.51 the caption explains.
+    assert labels == ["seed 42 live", "seed 42 EMA (pre-quant): +0.010 vs live", "seed 314 live",
+                      "seed 314 EMA (pre-quant): +0.010 vs live"]
     texts = sorted(text.get_text() for text in val_ax.texts)
-    # Each seed: its live and EMA values, and the gap EMA - live = 1.52 - 1.51 the caption explains.
-    assert texts == ["1.5100", "1.5100", "1.5200", "1.5200", "EMA − live +0.010", "EMA − live +0.010"]
+    assert texts == ["1.5100", "1.5100", "1.5200", "1.5200"]  # each seed's live and EMA values
     caption = figure.get_supxlabel()
     assert "ema_decay" in caption and "lags" in caption
 

@@ -14,7 +14,9 @@ from matplotlib.figure import Figure
 from parlm.runlog import read_json
 from parlm.ppm.stage import load_traces
 
-CHOICE_LABELS = ("λ = lambda_lo (trust PPM)", "λ = lambda_hi (trust NN)", "gate skip (λ = 1)")
+# trace_lambda_choice values: 0 = lambda_lo (PPM confident), 1 = lambda_hi, 2 = gate skip (λ = 1).
+CHOICE_LABELS = ("ungated: λ = lambda_lo (trust PPM)", "ungated: λ = lambda_hi (trust NN)",
+                 "gated: skip, λ = 1 (NN alone)")
 CHOICE_COLORS = ("tab:green", "tab:blue", "tab:red")
 LEGACY = "legacy mixture (NOT normalized)"
 
@@ -23,14 +25,27 @@ def _window(length: int, window: int) -> int:
     return max(1, min(window, length // 10 or 1))
 
 
+def choice_labels(traces: dict) -> tuple[str, ...]:
+    """CHOICE_LABELS with each λ name replaced by the value the traced bytes of that choice
+    carry (trace_lambda), so a legend reads "λ = 0.05" rather than "λ = lambda_lo"."""
+    choice, weight = traces["trace_lambda_choice"], traces["trace_lambda"]
+    labels = list(CHOICE_LABELS)
+    for value, name in ((0, "lambda_lo"), (1, "lambda_hi")):
+        if np.any(choice == value):
+            labels[value] = labels[value].replace(name, f"{float(weight[choice == value][0]):g}")
+    return tuple(labels)
+
+
 def lambda_along_stream(traces: dict, window: int = 2000) -> Figure:
     """The mixture weight over the stream. Top: λ (the NN's weight in
     p_mix = λ p_NN + (1-λ) p_PPM) per traced byte, averaged over a sliding window. Bottom: the
-    share of each gate choice in the same window (%)."""
+    share (%) of the bytes in the same window that the gate skips (λ = 1) and that trust the
+    PPM (λ = lambda_lo), on their own scale: the rest, usually most bytes, are λ = lambda_hi."""
     fig = Figure(figsize=(9, 5.2), layout="constrained")
     weight_ax, share_ax = fig.subplots(2, 1, sharex=True)
     choice = traces["trace_lambda_choice"]
     index = traces["trace_byte_index"]
+    labels = choice_labels(traces)
     window = _window(len(choice), window)
     kernel = np.ones(window) / window
     if len(choice):
@@ -39,18 +54,22 @@ def lambda_along_stream(traces: dict, window: int = 2000) -> Figure:
         weight_ax.axhline(float(traces["trace_lambda"].mean()), color="tab:orange", ls="--", lw=1,
                           label=f"mean over the stream {float(traces['trace_lambda'].mean()):.3f}")
         weight_ax.legend(fontsize=8, loc="lower right")
+        for value in (0, 2):  # lambda_hi's share is 100% minus these two
+            share = np.convolve((choice == value).astype(float), kernel, mode="valid")
+            share_ax.plot(index[window - 1:], 100 * share, color=CHOICE_COLORS[value], lw=1,
+                          label=f"{labels[value]}: {100 * float(np.mean(choice == value)):.2f}% "
+                                f"of the stream")
+        share_ax.annotate(f"the rest ({100 * float(np.mean(choice == 1)):.1f}% of the stream): "
+                          f"{labels[1]}", (0.01, 0.97), xycoords="axes fraction", va="top",
+                          fontsize=8, color=CHOICE_COLORS[1])
+        share_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.88), frameon=False)
     weight_ax.set_ylabel("λ on the NN (fraction,\nwindow mean)")
     weight_ax.set_ylim(0, 1.02)
     fig.suptitle(f"Mixture weight along the stream (window of {window:,} traced bytes) — {LEGACY}",
                  fontsize=11)
-    for value in range(3):
-        share = np.convolve((choice == value).astype(float), kernel, mode="valid")
-        share_ax.plot(index[window - 1:], 100 * share, label=CHOICE_LABELS[value],
-                      color=CHOICE_COLORS[value], lw=1)
-    share_ax.set_xlabel("byte index in the stream")
-    share_ax.set_ylabel("share of bytes (%)")
-    share_ax.set_ylim(0, 100)
-    share_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    share_ax.set_xlabel("position in the scored byte stream (bytes)")
+    share_ax.set_ylabel("share of the window's\nbytes (%)")
+    share_ax.set_ylim(0, max(1.0, share_ax.get_ylim()[1]) * 1.6)  # room for the notes on top
     for ax in (weight_ax, share_ax):
         ax.grid(alpha=0.3)
     return fig
@@ -58,19 +77,22 @@ def lambda_along_stream(traces: dict, window: int = 2000) -> Figure:
 
 def surprisal_bits(traces: dict) -> np.ndarray:
     """The NN's surprisal of each traced byte in bits, -ℓ/ln 2, where ℓ = log p_tok / n is the
-    realised token's log-probability spread over its n bytes (what the anti-hijack gate reads)."""
+    realised token's log-probability spread over its n bytes (what the anti-hijack gate reads):
+    one value per token, shared by all of its bytes."""
     return -traces["trace_nn_logp"].astype(float) / math.log(2)
 
 
 def gate_decision_by_confidence(traces: dict, anti_hijack_nats: float = 0.277) -> Figure:
-    """The gate's decision against the NN's per-byte confidence. Top: among the traced bytes of
-    each surprisal bin (`surprisal_bits`), the share of each gate choice (%); the anti-hijack
-    threshold anti_hijack_nats/ln 2 bits is drawn: below it every byte is a skip (λ = 1). Bottom:
-    how the traced bytes spread over the bins (% of bytes)."""
+    """The gate's decision against the NN's per-token confidence, spread per byte as the gate
+    reads it (`surprisal_bits`: -log2 p_tok / n). Top: among the traced bytes of each surprisal
+    bin, the share of each gate choice (%); the anti-hijack threshold anti_hijack_nats/ln 2 bits
+    is drawn: below it every byte is a skip (λ = 1). Bottom: how the traced bytes spread over the
+    bins (% of bytes)."""
     fig = Figure(figsize=(9, 5.6), layout="constrained")
     share_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(1.3, 1))
     surprisal = surprisal_bits(traces)
     choice = traces["trace_lambda_choice"]
+    labels = choice_labels(traces)
     threshold = anti_hijack_nats / math.log(2)
     if len(surprisal):
         top = max(float(np.quantile(surprisal, 0.99)), 2 * threshold)
@@ -82,7 +104,7 @@ def gate_decision_by_confidence(traces: dict, anti_hijack_nats: float = 0.277) -
             counts = np.histogram(np.clip(surprisal[choice == value], 0, edges[-1]), bins=edges)[0]
             share = 100 * np.divide(counts, totals, out=np.zeros(len(totals)), where=totals > 0)
             share_ax.bar(edges[:-1], share, width=width, bottom=bottom, align="edge",
-                         color=CHOICE_COLORS[value], label=CHOICE_LABELS[value])
+                         color=CHOICE_COLORS[value], label=labels[value])
             bottom += share
         count_ax.bar(edges[:-1], 100 * totals / totals.sum(), width=width, align="edge",
                      color="tab:gray")
@@ -100,8 +122,9 @@ def gate_decision_by_confidence(traces: dict, anti_hijack_nats: float = 0.277) -
     fig.suptitle(f"Gate decision against the NN's confidence — {LEGACY}", fontsize=11)
     share_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     count_ax.set_ylabel("traced bytes (% of all)")
-    count_ax.set_xlabel("NN surprisal of the byte, −log2 p_tok^(1/n) (bits; last bin: 99th "
-                        "percentile and beyond)")
+    count_ax.set_xlabel("the NN's confidence in the byte's token as the gate reads it: surprisal "
+                        "per byte −log2(p_tok)/n\n(bits/byte; last bin: the 99th percentile and "
+                        "beyond)")
     for ax in (share_ax, count_ax):
         ax.grid(alpha=0.3, axis="y")
     return fig
@@ -119,8 +142,9 @@ def gate_bpb_contribution(traces: dict) -> Figure:
     series = (("trace_nn_logp", "NN only", "tab:blue"), ("trace_ppm_logp", "PPM only", "tab:green"),
               ("trace_mix_logp", "legacy mix (NOT normalized)", "tab:red"))
     order = (2, 1, 0)  # skipped (gated) first, then the two ungated λ choices
-    labels = [f"{CHOICE_LABELS[c]}\n{100 * np.mean(choice == c):.1f}% of bytes" if len(choice)
-              else CHOICE_LABELS[c] for c in order]
+    names = [choice_labels(traces)[c].replace(": ", ":\n", 1) for c in order]
+    labels = [f"{name}\n{100 * np.mean(choice == c):.1f}% of bytes" if len(choice) else name
+              for name, c in zip(names, order)]
     width = 0.27
     total = max(len(choice), 1)
     for offset, (key, label, color) in enumerate(series):
@@ -141,7 +165,7 @@ def gate_bpb_contribution(traces: dict) -> Figure:
         ax.set_xticks(range(len(order)), labels, fontsize=8)
         ax.margins(y=0.25)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best")  # clear of the bars, wherever the gate fires most
     stride = int(traces.get("trace_stride", 1))
     sampled = "every byte" if stride == 1 else f"every {stride}-th byte"
     fig.suptitle(f"What the anti-hijack gate does to the score ({len(choice):,} traced bytes: "
@@ -165,18 +189,21 @@ def confidence_histogram(traces: dict, threshold: float = 0.9) -> Figure:
 
 
 def gate_skip_by_position_and_frequency(traces: dict) -> Figure:
-    """Gate-skip rate by byte position within the token, and by the token's frequency."""
+    """Gate-skip rate (% of bytes with λ = 1) by byte position within the token, each bar labelled
+    with the bytes at that position, and by the token's frequency in the scored stream."""
     fig = Figure(figsize=(11, 3.4), layout="constrained")
     left, right = fig.subplots(1, 2)
     stats = traces["position_stats"].astype(float)
     bytes_at = stats.sum(1)
     shown = np.flatnonzero(bytes_at > 0)
-    left.bar(shown, stats[shown, 2] / bytes_at[shown], color="tab:red")
-    for position in shown:
-        left.annotate(f"{int(bytes_at[position]):,}", (position, stats[position, 2] / bytes_at[position]),
-                      fontsize=6, ha="center", va="bottom", rotation=90)
+    rate = 100 * stats[shown, 2] / bytes_at[shown]
+    left.bar(shown, rate, color="tab:red")
+    for position, value in zip(shown, rate):
+        left.annotate(f"{int(bytes_at[position]):,}", (position, value), xytext=(0, 2),
+                      textcoords="offset points", fontsize=6, ha="center", va="bottom", rotation=90)
+    left.margins(y=0.3)  # room for the rotated byte counts above the tallest bar
     left.set_xlabel("byte position within its token (last bar: 31 and beyond)")
-    left.set_ylabel("gate-skip rate (numbers: bytes)")
+    left.set_ylabel("gate-skip rate (% of the position's bytes;\nnumbers: bytes at the position)")
     left.set_title("Anti-hijack skips by position in token")
     token_stats = traces["token_stats"].astype(float)
     frequency = traces["token_frequency"].astype(float)
@@ -190,12 +217,12 @@ def gate_skip_by_position_and_frequency(traces: dict) -> Figure:
             sel = bucket == b
             total = token_stats[seen][sel].sum()
             if total > 0:
-                rates.append(token_stats[seen][sel][:, 2].sum() / total)
+                rates.append(100 * token_stats[seen][sel][:, 2].sum() / total)
                 centers.append(np.exp(np.log(frequency[seen][sel]).mean()))
         right.plot(centers, rates, marker="o", color="tab:red")
     right.set_xscale("log")
-    right.set_xlabel("token frequency in the scored stream (log)")
-    right.set_ylabel("gate-skip rate of its bytes (fraction)")
+    right.set_xlabel("token frequency in the scored stream (occurrences, log scale)")
+    right.set_ylabel("gate-skip rate of its bytes (%)")
     right.set_title("Skips by token frequency")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -267,8 +294,9 @@ def valid_mixture_vs_neural(summary: dict, evaluation: dict | None = None) -> Fi
     for x, (label, value, color, hatch) in enumerate(bars):
         ax.bar(x, value, color=color, hatch=hatch, edgecolor="k")
         ax.annotate(f"{value:.4f}", (x, value), ha="center", va="bottom", fontsize=8)
+    ax.margins(y=0.1)  # the value labels stay inside the axes
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-    ax.set_ylabel("bits per byte")
+    ax.set_ylabel("BPB (bits/byte)")
     ax.set_title("Valid mixture vs neural (solid) and the legacy numbers (hatched)")
     return fig
 

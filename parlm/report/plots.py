@@ -40,8 +40,9 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
     (`stage_deltas`: quantized = quantization tax; sliding, TTT = cumulative), one marker per
     seed over a bar at the mean with a whisker of +-1 sample std over the seeds, each bar
     labelled with the mean change and the step from the stage before; the baseline's seeds
-    (if given) as grey crosses. Right: the absolute BPB at each stage, one line per seed. The
-    legacy PPM mixture is drawn in neither: it is not a valid BPB (SPEC 6.6)."""
+    (if given) as grey crosses. Right: the absolute BPB at each stage, one line per seed. One
+    legend below both panels names the seeds. The legacy PPM mixture is drawn in neither: it is
+    not a valid BPB (SPEC 6.6)."""
     fig = Figure(figsize=(12, 4.4), layout="constrained")
     delta_ax, bpb_ax = fig.subplots(1, 2, width_ratios=(1.15, 1))
     stages = list(STEP_NAMES)
@@ -70,8 +71,9 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
         delta_ax.plot(range(len(stages)), [delta[s] for s in stages], marker="x", linestyle="--",
                       color="grey", alpha=0.7, label=f"{baseline_label} seed {summary.get('seed')}")
     delta_ax.axhline(0.0, color="k", linewidth=0.8)
-    delta_ax.set_xticks(range(len(stages)), [f"{STAGE_LABELS[s]}\n({STEP_NAMES[s]})" for s in stages])
-    delta_ax.set_ylabel("BPB minus the seed's pre-quant BPB (bits/byte)")
+    delta_ax.set_xticks(range(len(stages)),
+                        [f"{STAGE_LABELS[s]}\n(step: {STEP_NAMES[s]})" for s in stages])
+    delta_ax.set_ylabel("BPB minus the seed's pre-quant BPB\n(bits/byte; below 0: better)")
     delta_ax.set_title("Change from pre-quant at each stage\n(bar: mean over seeds, whisker: ±1 std; "
                        "step: change from the stage before)", fontsize=10)
     low, high = delta_ax.get_ylim()
@@ -84,22 +86,28 @@ def bpb_by_stage(summaries: Sequence[dict[str, Any]], baseline: Sequence[dict[st
                     marker="x", linestyle="--", color="grey", alpha=0.7,
                     label=f"{baseline_label} seed {summary.get('seed')}")
     bpb_ax.set_xticks(range(len(STAGE_LABELS)), list(STAGE_LABELS.values()))
-    bpb_ax.set_ylabel("validation BPB (bits/byte)")
+    bpb_ax.set_ylabel("validation BPB (bits/byte; lower is better)")
     bpb_ax.set_title("Absolute BPB by stage and seed\n(the gap between seeds dwarfs the stage "
                      "changes)", fontsize=10)
     for ax in (delta_ax, bpb_ax):
         ax.grid(alpha=0.3, axis="y")
-    bpb_ax.legend(fontsize=8, loc="best")  # the seeds' colours are the same in both panels
+    # One legend for both panels (the seeds' colours are the same), below them: inside, it would
+    # cover the notes along the top of the left panel or a seed's line.
+    handles, labels = bpb_ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(handles), 6),
+                   fontsize=8, frameon=False)
     return fig
 
 
 def training_curves(run_dirs: Sequence[str | Path]) -> Figure:
     """Training loss and validation BPB against step, seeds overlaid (one colour per seed), from
     each seed's metrics.jsonl via `train_plots.training_curves`: the live model's validations
-    joined by a line, the EMA (pre-quant) score as a star, and a dotted line where depth
-    recurrence switched on. With `val_loss_every=0` each seed has only its scores at the stop,
-    so each point is labelled with its value. A caption says why the stars sit above the live
-    points (`ema_caption`)."""
+    joined by a line, the EMA (pre-quant) score as a star joined to the live score at the stop
+    by a dotted line, the gap (EMA minus live, bits/byte) in the star's legend entry, and a
+    dotted line where depth recurrence switched on. With `val_loss_every=0` each seed has only
+    its scores at the stop, so each point is labelled with its value. A caption says why the
+    stars sit above the live points (`ema_caption`)."""
     from matplotlib.ticker import MaxNLocator
 
     from parlm.train.plots import training_curves as run_curves
@@ -116,17 +124,16 @@ def training_curves(run_dirs: Sequence[str | Path]) -> Figure:
         if val["step"]:
             val_ax.plot(val["step"], val["val_bpb"], marker="o", color=color, label=f"{label} live")
         if prequant["step"]:
+            star_label = f"{label} EMA (pre-quant)"
+            if val["step"]:
+                # The gap the caption explains, in the legend: notes beside the stars of seeds
+                # that stop at the same step would sit on top of each other.
+                gap = prequant["val_bpb"][-1] - val["val_bpb"][-1]
+                star_label += f": {gap:+.3f} vs live"
+                val_ax.plot([prequant["step"][-1]] * 2, [val["val_bpb"][-1], prequant["val_bpb"][-1]],
+                            linestyle=":", color=color, linewidth=1)
             val_ax.plot(prequant["step"], prequant["val_bpb"], marker="*", markersize=11,
-                        linestyle="none", color=color, label=f"{label} EMA (pre-quant)")
-        if val["step"] and prequant["step"]:
-            # The gap the caption explains: EMA score minus the live score at the stop.
-            gap = prequant["val_bpb"][-1] - val["val_bpb"][-1]
-            val_ax.plot([prequant["step"][-1]] * 2, [val["val_bpb"][-1], prequant["val_bpb"][-1]],
-                        linestyle=":", color=color, linewidth=1)
-            val_ax.annotate(f"EMA − live {gap:+.3f}", (prequant["step"][-1],
-                            (val["val_bpb"][-1] + prequant["val_bpb"][-1]) / 2),
-                            textcoords="offset points", xytext=(-6, 0), ha="right", va="center",
-                            fontsize=8, color=color)
+                        linestyle="none", color=color, label=star_label)
         if len(val["step"]) <= 1:
             for step, bpb in zip(val["step"] + prequant["step"], val["val_bpb"] + prequant["val_bpb"]):
                 val_ax.annotate(f"{bpb:.4f}", (step, bpb), textcoords="offset points", xytext=(6, 0),
@@ -176,27 +183,30 @@ def ema_caption(decays: Sequence[float]) -> str:
 def gate_summary(summaries: Sequence[dict[str, Any]]) -> Figure:
     """The legacy PPM mixture per seed: mix / NN-only / PPM-only BPB on its byte stream, and the
     anti-hijack gate's skip share (ppm.json gate_skip = skipped bytes / bytes, drawn in %).
-    Labelled as not a valid BPB (SPEC 6.6); the legend sits above the bars."""
+    Labelled as not a valid BPB (SPEC 6.6); the legend sits below the seed names, clear of the
+    bars, in the colours of parlm.ppm.plots' gate figures (NN blue, PPM green, mix red)."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     bpb_ax, gate_ax = fig.subplots(1, 2)
     seeds = [str(s.get("seed")) for s in summaries]
     width = 0.27
-    for offset, (key, label) in enumerate((("nn_only_bpb", "NN only (p_tok^(1/n) per byte)"),
-                                           ("ppm_only_bpb", "PPM only"),
-                                           ("mix_bpb_legacy", "legacy mix (NOT normalized)"))):
+    for offset, (key, label, color) in enumerate(
+            (("nn_only_bpb", "NN only (p_tok^(1/n) per byte)", "tab:blue"),
+             ("ppm_only_bpb", "PPM only", "tab:green"),
+             ("mix_bpb_legacy", "legacy mix (NOT normalized)", "tab:red"))):
         values = [_number(s.get(key)) for s in summaries]
         positions = [i + (offset - 1) * width for i in range(len(seeds))]
-        bars = bpb_ax.bar(positions, values, width, label=label, color=f"C{offset}")
+        bars = bpb_ax.bar(positions, values, width, label=label, color=color)
         bpb_ax.bar_label(bars, fmt="%.3f", fontsize=7)
     bpb_ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     bpb_ax.set(ylabel="bits/byte (legacy accounting)",
                title="PPM byte mixture (not a valid BPB)")
-    bpb_ax.margins(y=0.25)
-    bpb_ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.1), ncol=3,
+    bpb_ax.margins(y=0.15)  # room for the bar labels
+    # Below the seed names, where no bar can reach it.
+    bpb_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3,
                   frameon=False)
     skips = [100 * _number(s.get("gate_skip")) for s in summaries]
     bars = gate_ax.bar(range(len(seeds)), skips, color="tab:purple", width=0.5)
-    gate_ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    gate_ax.bar_label(bars, fmt="%.2f%%", fontsize=8)
     gate_ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     gate_ax.set(ylabel="bytes the gate hands to the NN alone (% of bytes)",
                 title="Anti-hijack gate: bytes scored with λ = 1 (NN alone)")
@@ -217,8 +227,9 @@ def save_figure(fig: Figure, path: str | Path) -> str:
 
 def gate_figures(run_dir: str | Path) -> dict[str, Figure]:
     """The PPM gate's figures of one seed (parlm.ppm.plots, from its ppm_trace.npz and
-    ppm.json): `gate_decision` (the gate's choice against the NN's per-byte surprisal, threshold
-    drawn) and `gate_bpb_contribution` (the BPB of gated and ungated bytes); {} without a trace."""
+    ppm.json): `gate_decision` (the gate's choice against the NN's per-token confidence, the
+    threshold drawn), `gate_lambda_along_stream` (the mixture weight over the stream) and
+    `gate_bpb_contribution` (the BPB of gated and ungated bytes); {} without a trace."""
     from parlm.ppm import plots as ppm_plots
     from parlm.ppm.stage import load_traces
     from parlm.runlog import read_json
@@ -231,6 +242,7 @@ def gate_figures(run_dir: str | Path) -> dict[str, Figure]:
     seed = run_dir.name.replace("_", " ")
     figures = {"gate_decision": ppm_plots.gate_decision_by_confidence(
                    traces, settings.get("anti_hijack_nats", 0.277)),
+               "gate_lambda_along_stream": ppm_plots.lambda_along_stream(traces),
                "gate_bpb_contribution": ppm_plots.gate_bpb_contribution(traces)}
     for figure in figures.values():
         figure.suptitle(f"{seed}: {figure.get_suptitle()}", fontsize=10)
@@ -241,7 +253,7 @@ def save_report_plots(run_root: str | Path, summaries: Sequence[dict[str, Any]],
                       out_dir: str | Path, baseline: Sequence[dict[str, Any]] = (),
                       baseline_label: str = "baseline") -> dict[str, str]:
     """Write the report figures into `out_dir` (bpb_by_stage, training_curves, gate_summary,
-    and the first seed's gate_decision and gate_bpb_contribution); return {name: png path}."""
+    and the first seed's `gate_figures`); return {name: png path}."""
     out_dir = Path(out_dir)
     paths = {
         "bpb_by_stage": save_figure(bpb_by_stage(summaries, baseline, baseline_label),
