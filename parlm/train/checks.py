@@ -1,5 +1,6 @@
 """What must hold before `parlm.train` spends any time: a valid config for this world size
-and tokenizer, the dataset on disk, a validation batch that fits, and a run folder without a
+and tokenizer, the dataset on disk with no validation document in its train data (the leak
+guard), a validation batch that fits, and a run folder without a
 finished training (an unfinished earlier attempt is cleared, saying so, or resumed from its
 checkpoint). Also what restarting the train stage of a seed clears, and the command for it."""
 from __future__ import annotations
@@ -21,7 +22,10 @@ TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)
 
 def check_inputs(config: Config, world_size: int) -> int:
     """Fail before any training when the run cannot work: the config (`validate`), the data
-    (train and val shards, tokenizer) and the validation batch. Returns the train shard count."""
+    (train and val shards, tokenizer), the leak guard (`parlm.data.leak.check_config`: LeakError
+    naming how many validation documents are in train, and the fix) and the validation batch.
+    Returns the train shard count."""
+    from parlm.data.leak import check_config
     from parlm.data.shards import ShardError, check_dataset_vocabulary
     from parlm.data.tokenizer import load_tokenizer
 
@@ -40,6 +44,9 @@ def check_inputs(config: Config, world_size: int) -> int:
         check_dataset_vocabulary(config.datasets_dir, config.vocab_size)
     except ShardError as error:
         raise ConfigError(str(error)) from None
+    # Issue #2127: a prep script's default put most validation documents into train; every run
+    # checks its dataset again (manifest hashes, else token sequences; the verdict is cached).
+    check_config(config)
     per_rank = config.val_batch_tokens // (world_size * config.grad_accum_steps(world_size))
     if per_rank < config.eval_seq_len:
         raise ConfigError(

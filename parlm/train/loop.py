@@ -35,6 +35,7 @@ from parlm import dist, runlog
 from parlm.cli import stage_command
 from parlm.config import Config
 from parlm.data.accounting import byte_accounting
+from parlm.data.leak import LeakError
 from parlm.data.loader import train_seq_len_at
 from parlm.data.shards import load_validation_tokens
 from parlm.dist import synchronize
@@ -465,4 +466,4 @@ def main(argv: list[str] | None = None) -> int:
         "config comes from --config, else <run-dir>/config.yaml, else --preset, else the reference "
         "defaults, then --set overrides.",
         train_run, argv, run_dir_help="run folder (created if missing)",
-        user_errors=(InsufficientMemoryError, TrainingDiverged))
+        user_errors=(InsufficientMemoryError, TrainingDiverged, LeakError))
