@@ -149,3 +149,23 @@ def test_training_stops_on_a_leaked_dataset(tmp_path, monkeypatch, capsys, kind)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "error: leak guard: 1 of the 5 validation documents" in lines[0]
     assert "fix: rebuild" in lines[0]
+
+
+def test_two_process_training_stops_on_a_leaked_dataset(tmp_path, monkeypatch, capsys):
+    """Under torchrun rank 0 checks and every rank stops with the same line (none waits)."""
+    from conftest import TINY_MODEL
+    from parlm.config import Config
+    from parlm.dist import launch_torchrun
+
+    monkeypatch.setattr(leak, "check_hashes", lambda *args: None)
+    _build(tmp_path, DOCS + [DOCS[2]], shard_tokens=200)  # several train shards: one per rank
+    monkeypatch.undo()
+    config = Config().replace(**{**TINY_MODEL, "vocab_size": 300}, data_dir=str(tmp_path), dataset_name="tiny",
+                              tokenizer_path=str(tmp_path / "tokenizers" / "tiny_300_bpe.model"))
+    config.save(tmp_path / "leaked.yaml")
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        launch_torchrun("parlm.train", ["--run-dir", str(tmp_path / "run"), "--config", str(tmp_path / "leaked.yaml")],
+                        nproc=2)
+    output = capsys.readouterr().out
+    for rank in (0, 1):
+        assert f"[rank {rank}] python -m parlm.train: error: leak guard: 1 of the 5 validation documents" in output

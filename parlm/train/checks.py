@@ -12,7 +12,7 @@ import os
 import shlex
 from pathlib import Path
 
-from parlm import runlog
+from parlm import dist, runlog
 from parlm.runlog import CHECKPOINT_NAME
 from parlm.config import Config, ConfigError
 from parlm.train.checkpoint import CHECKPOINT_DIR, checkpoint_dir, remove_checkpoints
@@ -25,7 +25,6 @@ def check_inputs(config: Config, world_size: int) -> int:
     (train and val shards, tokenizer), the leak guard (`parlm.data.leak.check_config`: LeakError
     naming how many validation documents are in train, and the fix) and the validation batch.
     Returns the train shard count."""
-    from parlm.data.leak import check_config
     from parlm.data.shards import ShardError, check_dataset_vocabulary
     from parlm.data.tokenizer import load_tokenizer
 
@@ -44,9 +43,7 @@ def check_inputs(config: Config, world_size: int) -> int:
         check_dataset_vocabulary(config.datasets_dir, config.vocab_size)
     except ShardError as error:
         raise ConfigError(str(error)) from None
-    # Issue #2127: a prep script's default put most validation documents into train; every run
-    # checks its dataset again (manifest hashes, else token sequences; the verdict is cached).
-    check_config(config)
+    check_leak(config)
     per_rank = config.val_batch_tokens // (world_size * config.grad_accum_steps(world_size))
     if per_rank < config.eval_seq_len:
         raise ConfigError(
@@ -54,6 +51,27 @@ def check_inputs(config: Config, world_size: int) -> int:
             f"validation batch, less than eval_seq_len={config.eval_seq_len}; raise it to at least "
             f"{config.eval_seq_len * world_size * config.grad_accum_steps(world_size)}")
     return len(train_files)
+
+
+def check_leak(config: Config) -> None:
+    """The leak guard (`parlm.data.leak.check_config`: manifest hashes, else hashes of the
+    token sequences, whose verdict the dataset folder caches) on rank 0, its outcome raised on
+    every rank: LeakError naming how many validation documents are in train, and the fix.
+
+    Issue #2127: a preparation script's default put most validation documents into train, so
+    every run checks its dataset again. One rank scans (a download's token check reads every
+    shard) and writes the cache; the others wait in the broadcast."""
+    from parlm.data.leak import check_config
+
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            check_config(config)
+        except Exception as error:  # every rank must learn it, or the others would wait forever
+            outcome = error
+    outcome = dist.broadcast_object(outcome)
+    if outcome is not None:
+        raise outcome
 
 
 def missing_data_message(config: Config) -> str:
