@@ -4,9 +4,9 @@
 The BPB formula and why it is tokenizer-agnostic: `parlm.model.validation`.
 Sums are float64 and all-reduced across ranks; bytes come from the one byte accounting,
 `parlm.data.accounting.byte_accounting(config)` (tables or raw-text sidecar), charged by the
-stream position of each target. Score-first TTT (SPEC 5.3) lives in `parlm.eval.ttt`; `evaluate_run`
-(the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is implemented in
-`parlm.eval.stage`.
+stream position of each target. Score-first TTT (SPEC 5.3) lives in `parlm.eval.ttt`;
+`evaluate_run` (the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is
+implemented in `parlm.eval.stage`.
 """
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ tokens stand for (SPEC 1.6-1.7):
 
 Sums are float64 and all-reduced across ranks; bytes come from the one byte accounting,
 `parlm.data.accounting.byte_accounting(config)`: the SentencePiece tables for plain data, the
-raw-text sidecar for CaseOps data, called alike as `count_bytes(target, prev, positions)`. Training's periodic validation, the quantization statistics and the
-eval stage all call `eval_val`; the sliding-window and TTT scorers of the eval stage live in
-`parlm.eval.scoring` and `parlm.eval.ttt`.
+raw-text sidecar for CaseOps data, called alike as `count_bytes(target, prev, positions)`.
+Training's periodic validation, the quantization statistics and the eval stage all call
+`eval_val`; the sliding-window and TTT scorers of the eval stage live in `parlm.eval.scoring`
+and `parlm.eval.ttt`.
 """
 from __future__ import annotations
 
@@ -87,8 +88,8 @@ def eval_val(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx) 
     The stream val_tokens[0..T] (T+1 tokens) is cut into T // eval_seq_len sequences
     x = tokens[i·L : (i+1)·L], y = tokens[i·L+1 : (i+1)·L+1], split contiguously across
     ranks. `model(x, y)` returns the mean CE of a batch (bf16 autocast on CUDA), so
-    Σnll += mean·n_tokens; bytes = count_bytes(y, x, positions of y in the stream). Returns loss = Σnll/N and
-    bpb = Σnll/(ln2·Σbytes) over all ranks (float64 sums, all-reduced).
+    Σnll += mean·n_tokens; bytes = count_bytes(y, x, positions of y in the stream). Returns
+    loss = Σnll/N and bpb = Σnll/(ln2·Σbytes) over all ranks (float64 sums, all-reduced).
     `model` may be compiled; its train/eval mode is restored afterwards."""
     device = ctx.device
     seq_len = config.eval_seq_len
