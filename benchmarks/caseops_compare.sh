@@ -70,9 +70,10 @@ for kind in $KINDS; do
 done
 
 python3 - "$KINDS" "$SEEDS" <<'PY'
-import json, math, sys
+import json, sys
 from pathlib import Path
 from parlm.data.shards import load_validation_byte_counts
+from parlm.report.stats import paired_interval
 kinds, seeds = sys.argv[1].split(), sys.argv[2].split()
 bpb = {}
 for kind in kinds:
@@ -93,13 +94,11 @@ for kind in kinds:
     values = [bpb[kind, s] for s in seeds if (kind, s) in bpb]
     if values:
         print(f"{kind:8s} mean ttt_bpb {sum(values) / len(values):.5f} over {len(values)} seeds")
-deltas = [bpb["caseops", s] - bpb["plain", s] for s in seeds if ("caseops", s) in bpb and ("plain", s) in bpb]
-if len(deltas) >= 2:
-    mean = sum(deltas) / len(deltas)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1))
-    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}.get(len(deltas) - 1, 2.0)
-    half = t975 * sd / math.sqrt(len(deltas))
-    print(f"caseops - plain (paired by seed): {mean:+.5f} BPB, 95% t interval [{mean - half:+.5f}, {mean + half:+.5f}] "
-          f"({len(deltas)} seeds; per seed {', '.join(f'{d:+.5f}' for d in deltas)})")
+paired = [s for s in seeds if ("caseops", s) in bpb and ("plain", s) in bpb]
+if len(paired) >= 2:
+    delta = paired_interval([bpb["caseops", s] for s in paired], [bpb["plain", s] for s in paired])
+    per_seed = ", ".join(f"{bpb['caseops', s] - bpb['plain', s]:+.5f}" for s in paired)
+    print(f"caseops - plain (paired by seed): {delta.mean:+.5f} BPB, 95% t interval [{delta.low:+.5f}, "
+          f"{delta.high:+.5f}] ({delta.n} seeds, df {delta.df:.0f}; per seed {per_seed})")
 PY
 stamp "done"

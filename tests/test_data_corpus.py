@@ -191,3 +191,29 @@ def test_caseops_overview_for_notebook(tmp_path):
     assert overview["leak_guard"]["caseops"]["ok"] and overview["leak_guard"]["plain"]["leaked"] == 0
     assert "leak guard, caseops: no validation document" in format_caseops_overview(overview)
     plot_bytes_per_token(overview)
+
+
+def test_caseops_pair_builds_the_twin_once(tmp_path):
+    """Notebook 01's twin: the same documents and split in the other kind, built on first use."""
+    from parlm.config import Config
+    from parlm.data.corpus import build_dataset, write_documents
+    from parlm.data.plots import caseops_pair
+
+    texts = ["The NASA Launch", "iPhone OpenAI Tested"] + [f"Doc {i} About The Thing {i}." for i in range(20)]
+    manifest = build_dataset(write_documents(texts, tmp_path / "tiny.jsonl"), tmp_path, num_val_docs=2,
+                             vocab_size=300, workers=1, progress=False)
+    plain = Config().replace(data_dir=str(tmp_path), dataset_name=manifest["name"], vocab_size=300,
+                             tokenizer_path=str(tmp_path / manifest["tokenizer"]))
+    first, twin = caseops_pair(plain, manifest)
+    assert first is plain and (twin.text_transform, twin.byte_accounting) == ("caseops", "sidecar")
+    built = json.loads((Path(twin.datasets_dir) / "manifest.json").read_text())
+    assert built["name"] == "tiny_caseops_sp300" and built["num_val_docs"] == 2
+    assert built["splits"]["val"]["sidecar_bytes"] == sum(len(t.encode()) for t in texts[:2])
+    assert Path(twin.resolved_tokenizer_path).is_file()
+    stamp = (Path(twin.datasets_dir) / "manifest.json").stat().st_mtime_ns
+    again_plain, again = caseops_pair(plain, manifest)
+    assert (Path(again.datasets_dir) / "manifest.json").stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    back_plain, back_caseops = caseops_pair(twin, built)  # from the CaseOps side: the plain twin
+    assert back_caseops is twin and back_plain.text_transform == "none" and back_plain.byte_accounting == "tables"
+    assert back_plain.dataset_name == "tiny_sp300"
+    assert caseops_pair(plain, {"name": "download", "splits": {}}) is None

@@ -118,3 +118,54 @@ def test_token_check_speed_on_proxy_sized_stream(tmp_path):
     hashes = leak.token_document_hashes([tmp_path / "fineweb_train_000000.bin"])
     assert time.perf_counter() - start < 5
     assert len(hashes) == int((tokens == 1).sum())
+
+
+@pytest.mark.parametrize("kind", ["document sha256", "token sequences"])
+def test_training_stops_on_a_leaked_dataset(tmp_path, monkeypatch, capsys, kind):
+    """A dataset whose train split holds one validation document, as a preparation script
+    without the guard makes it (here: the build's own check switched off), stops the train
+    stage at its input check, before any log is written, with one line naming the count and
+    the fix. "token sequences": the same dataset without its manifest (a download)."""
+    from conftest import TINY_MODEL
+    from parlm.config import Config
+    from parlm.train.loop import main, train_run
+
+    monkeypatch.setattr(leak, "check_hashes", lambda *args: None)
+    _build(tmp_path, DOCS + [DOCS[2]])
+    monkeypatch.undo()
+    directory = tmp_path / "datasets" / "tiny"
+    if kind == "token sequences":
+        (directory / "manifest.json").unlink()
+        (directory / leak.TRAIN_HASHES_FILE).unlink()
+    config = Config().replace(**{**TINY_MODEL, "vocab_size": 300}, data_dir=str(tmp_path), dataset_name="tiny",
+                              tokenizer_path=str(tmp_path / "tokenizers" / "tiny_300_bpe.model"))
+    with pytest.raises(LeakError, match="1 of the 5 validation documents") as caught:
+        train_run(config, tmp_path / "run")
+    assert "fix: rebuild" in str(caught.value) and not (tmp_path / "run" / "train.log").exists()
+    # the verdict came from the manifest's hashes, or from hashing token sequences (cached)
+    assert (directory / leak.TOKEN_CHECK_FILE).exists() == (kind == "token sequences")
+    config.save(tmp_path / "leaked.yaml")
+    assert main(["--run-dir", str(tmp_path / "cli"), "--config", str(tmp_path / "leaked.yaml")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error: leak guard: 1 of the 5 validation documents" in lines[0]
+    assert "fix: rebuild" in lines[0]
+
+
+def test_two_process_training_stops_on_a_leaked_dataset(tmp_path, monkeypatch, capsys):
+    """Under torchrun rank 0 checks and every rank stops with the same line (none waits)."""
+    from conftest import TINY_MODEL
+    from parlm.config import Config
+    from parlm.dist import launch_torchrun
+
+    monkeypatch.setattr(leak, "check_hashes", lambda *args: None)
+    _build(tmp_path, DOCS + [DOCS[2]], shard_tokens=200)  # several train shards: one per rank
+    monkeypatch.undo()
+    config = Config().replace(**{**TINY_MODEL, "vocab_size": 300}, data_dir=str(tmp_path), dataset_name="tiny",
+                              tokenizer_path=str(tmp_path / "tokenizers" / "tiny_300_bpe.model"))
+    config.save(tmp_path / "leaked.yaml")
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        launch_torchrun("parlm.train", ["--run-dir", str(tmp_path / "run"), "--config", str(tmp_path / "leaked.yaml")],
+                        nproc=2)
+    output = capsys.readouterr().out
+    for rank in (0, 1):
+        assert f"[rank {rank}] python -m parlm.train: error: leak guard: 1 of the 5 validation documents" in output

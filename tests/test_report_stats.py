@@ -126,3 +126,45 @@ def test_welch_is_antisymmetric_and_handles_degenerate_samples():
         report.welch_t_test([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="confidence"):
         report.welch_interval([1.0, 2.0], [1.0, 2.0], confidence=95)
+
+
+def test_paired_interval_of_the_published_sleep_example():
+    # R's documented `t.test(extra ~ group, data = sleep, paired = TRUE)`: t = -4.0621, df = 9,
+    # p-value = 0.002833, 95 percent CI -2.4598858 -0.7001142, mean difference -1.58.
+    group1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    group2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    result = report.paired_interval(group1, group2)
+    assert result.mean == pytest.approx(-1.58, abs=1e-12) and result.n == 10 and result.df == 9
+    assert round(result.t, 4) == -4.0621
+    assert round(result.p_two_sided, 6) == 0.002833
+    assert round(result.low, 7) == -2.4598858 and round(result.high, 7) == -0.7001142
+    assert result.excludes_zero
+
+
+def test_paired_interval_matches_scipy_and_the_integrated_t_quantile():
+    from scipy import stats
+
+    a, b = [1.0712, 1.0698, 1.0731], [1.0745, 1.0721, 1.0770]
+    result = report.paired_interval(a, b, confidence=0.90)
+    reference = stats.ttest_rel(a, b)
+    interval = reference.confidence_interval(confidence_level=0.90)
+    assert result.t == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p_two_sided == pytest.approx(reference.pvalue, rel=1e-12)
+    assert (result.low, result.high) == pytest.approx((interval.low, interval.high), rel=1e-12)
+    differences = [x - y for x, y in zip(a, b)]
+    half = t_quantile_by_integration(0.95, 2) * report.sample_std(differences) / math.sqrt(3)
+    assert result.high - result.low == pytest.approx(2 * half, rel=1e-6)
+    assert result.mean == pytest.approx(sum(differences) / 3, rel=1e-12)
+
+
+def test_mean_interval_degenerate_and_bad_input():
+    point = report.mean_interval([0.002, 0.002, 0.002])
+    assert point.low == point.high == pytest.approx(0.002) and point.t == math.inf and point.p_two_sided == 0.0
+    zero = report.mean_interval([0.0, 0.0])
+    assert zero.t == 0.0 and zero.p_two_sided == 1.0 and not zero.excludes_zero
+    with pytest.raises(ValueError, match="at least two"):
+        report.mean_interval([1.0])
+    with pytest.raises(ValueError, match="same length"):
+        report.paired_interval([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="confidence"):
+        report.mean_interval([1.0, 2.0], confidence=1.5)

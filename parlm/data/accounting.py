@@ -100,6 +100,17 @@ def byte_accounting(config, length: int | None = None):
     raise ValueError(f"byte_accounting={config.byte_accounting!r}; expected one of {ACCOUNTINGS}")
 
 
+def piece_tables(accounting) -> ByteTables:
+    """The SentencePiece piece tables behind an accounting: the accounting itself for
+    "tables", the tokenizer's tables a SidecarBytes carries for "sidecar". The PPM byte stream
+    expands tokens into these piece bytes (its denominator is the accounting's, parlm.ppm.stage)."""
+    tables = accounting if isinstance(accounting, ByteTables) else getattr(accounting, "tables", None)
+    if tables is None:
+        raise ValueError("this byte accounting carries no SentencePiece tables; build it with "
+                         "byte_accounting(config)")
+    return tables
+
+
 def token_original_bytes(sp, text: str, transform: str) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, original UTF-8 bytes per token) of one document.
 

@@ -1,5 +1,7 @@
 """Statistics and figures for the data notebook (01_data): split sizes, bytes per token,
-document lengths, frequent pieces, and a byte-table check on the shards themselves."""
+document lengths, frequent pieces, a byte-table check on the shards themselves, and CaseOps
+(PR #1729) beside plain data: the transform on examples, raw bytes per token of both kinds of
+the same dataset (`caseops_pair` builds the missing kind), and the leak guard's verdicts."""
 from __future__ import annotations
 
 import itertools
@@ -142,6 +144,34 @@ OPERATOR_LABELS = {"\ue001": "⟨T⟩", "\ue002": "⟨A⟩", "\ue003": "⟨C⟩"
 def show_operators(text: str) -> str:
     """CaseOps text with its operators written as ⟨T⟩ TITLE, ⟨A⟩ ALLCAPS, ⟨C⟩ CAPNEXT, ⟨E⟩ ESC."""
     return "".join(OPERATOR_LABELS.get(c, c) for c in text)
+
+
+def caseops_pair(config, manifest: dict):
+    """(plain config, CaseOps config) of `config`'s dataset and its twin, or None when the
+    dataset has no source documents to rebuild from (a download).
+
+    The twin has the same documents and validation split (the manifest's docs_file and
+    num_val_docs), a tokenizer of the same size trained on the other kind of train text, and
+    validation byte sidecars; it is built under config.data_dir on first use
+    (`build_or_load_dataset`, the dataset name with or without `_caseops`), loaded after."""
+    from parlm.data.corpus import build_or_load_dataset
+
+    docs = manifest.get("docs_file")
+    if not docs or not Path(docs).is_file() or manifest.get("num_val_docs") is None:
+        return None
+    is_caseops = config.text_transform == "caseops"
+    vocab, name = int(manifest["vocab_size"]), manifest["name"]
+    suffix = f"_sp{vocab}"
+    stem = name[: -len(suffix)] if name.endswith(suffix) else name
+    twin_name = (stem.replace("_caseops", "") if is_caseops else f"{stem}_caseops") + suffix
+    tokenizer = Path(config.data_dir) / "tokenizers" / f"{twin_name}.model"
+    built = build_or_load_dataset(docs, config.data_dir, num_val_docs=int(manifest["num_val_docs"]),
+                                  vocab_size=vocab, name=twin_name, tokenizer_out=tokenizer, progress=False,
+                                  text_transform="none" if is_caseops else "caseops", byte_sidecar=True)
+    twin = config.replace(dataset_name=built["name"], tokenizer_path=str(Path(config.data_dir) / built["tokenizer"]),
+                          text_transform="none" if is_caseops else "caseops",
+                          byte_accounting="tables" if is_caseops else "sidecar")
+    return (twin, config) if is_caseops else (config, twin)
 
 
 def caseops_overview(plain_config, caseops_config, examples=CASEOPS_EXAMPLES) -> dict:

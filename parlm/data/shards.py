@@ -174,7 +174,9 @@ def check_dataset_vocabulary(dataset_dir: str | os.PathLike, vocab_size: int) ->
     except (OSError, ValueError):
         cache = {}
     changed = False
-    for path in sorted([*dataset_dir.glob("fineweb_train_*.bin"), *dataset_dir.glob("fineweb_val_*.bin")]):
+    shards = [*dataset_dir.glob("fineweb_train_*.bin"), *dataset_dir.glob("fineweb_val_*.bin")]
+    # fineweb_val_*.bin also matches the byte sidecars, which hold byte counts, not token ids
+    for path in sorted(p for p in shards if SIDECAR_INFIX not in p.name):
         stat = path.stat()
         key = [stat.st_size, stat.st_mtime_ns]
         entry = cache.get(path.name)

@@ -200,7 +200,7 @@ def record_scores(window: dict, logits: torch.Tensor, nll: torch.Tensor, tables,
     targets, inputs = window["y"].gather(1, window["rows"]), window["x"].gather(1, window["rows"])
     weight = scored.to(torch.float64)
     score = nll.detach().double()
-    n_bytes = tables.count_bytes(targets, inputs).to(torch.float64)
+    n_bytes = tables.count_bytes(targets, inputs, positions + 1).to(torch.float64)  # targets sit at p + 1
     sums[:3] += torch.stack([(score * weight).sum(), weight.sum(), (n_bytes * weight).sum()])
     slot = torch.where(scored, positions, total).flatten()
     nll_out.index_copy_(0, slot, score.flatten().to(nll_out.dtype))

@@ -2,10 +2,11 @@
 `parlm.model.validation.eval_val`.
 
 The BPB formula and why it is tokenizer-agnostic: `parlm.model.validation`.
-Sums are float64 and all-reduced across ranks; bytes come from the one byte counter,
-`ByteTables.count_bytes`. Score-first TTT (SPEC 5.3) lives in `parlm.eval.ttt`; `evaluate_run`
-(the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is implemented in
-`parlm.eval.stage`.
+Sums are float64 and all-reduced across ranks; bytes come from the one byte accounting,
+`parlm.data.accounting.byte_accounting(config)` (tables or raw-text sidecar), charged by the
+stream position of each target. Score-first TTT (SPEC 5.3) lives in `parlm.eval.ttt`;
+`evaluate_run` (the pipeline's "eval" stage, `python -m parlm.eval --run-dir DIR`) is
+implemented in `parlm.eval.stage`.
 """
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ class WindowScorer:
         positions = starts[:, None] + offsets[None, :]
         mask = live[:, None] & (positions < self.total_tokens)
         weight = mask.to(torch.float64)
-        n_bytes = self.tables.count_bytes(y[:, offsets], x[:, offsets])
+        # input position p predicts the token at stream position p + 1
+        n_bytes = self.tables.count_bytes(y[:, offsets], x[:, offsets], positions + 1)
         sums[:3] += torch.stack([(nll.to(torch.float64) * weight).sum(), weight.sum(),
                                  (n_bytes.to(torch.float64) * weight).sum()])
         if nll_out is not None:

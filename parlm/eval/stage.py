@@ -20,8 +20,8 @@ import torch
 from parlm import dist
 from parlm.cli import stage_command
 from parlm.config import Config, compile_enabled
+from parlm.data.accounting import byte_accounting
 from parlm.data.shards import load_validation_tokens
-from parlm.data.tokenizer import ByteTables
 from parlm.dist import autocast_context, synchronize
 from parlm.eval.scoring import WindowScorer, eval_val_sliding
 from parlm.eval.budget import projection_for_run
@@ -79,12 +79,14 @@ def write_nll(path, val_tokens: torch.Tensor, nll: np.ndarray, nll_mix: np.ndarr
 def add_sliding_to_chunks(chunks: list[dict], sliding_nll: np.ndarray, val_tokens: torch.Tensor,
                           byte_tables) -> None:
     """Add `sliding_loss`/`sliding_bpb` (the frozen model's sliding score on the same
-    positions) to each TTT chunk record, so per-chunk and cumulative TTT gains can be read."""
+    positions) to each TTT chunk record, so per-chunk and cumulative TTT gains can be read:
+    sliding_bpb = Σ_{p in [start, end)} nll_p / (ln 2 · Σ bytes of the targets at p + 1), bytes
+    from the run's byte accounting (`parlm.data.accounting.byte_accounting`)."""
     tokens = val_tokens.to(torch.int64).numpy()
     for chunk in chunks:
         start, end = chunk["start"], chunk["end"]
         nll_sum = float(sliding_nll[start:end].astype(np.float64).sum())
-        nbytes = float(byte_tables.count_bytes(tokens[start + 1:end + 1], tokens[start:end]).sum())
+        nbytes = float(byte_tables.count_bytes(tokens[start + 1:end + 1], tokens[start:end], start + 1).sum())
         chunk["sliding_loss"] = nll_sum / max(end - start, 1)
         chunk["sliding_bpb"] = nll_sum / (math.log(2) * nbytes) if nbytes else float("nan")
 
@@ -242,8 +244,9 @@ def evaluate_run(config: Config, run_dir) -> dict:
         logger.log(f"eval: replacing existing eval.json (ttt_bpb={old.get('ttt_bpb')}, "
                    f"sliding_bpb={old.get('sliding_bpb')})")
     logger.log(f"eval: world_size={ctx.world_size} device={device} compile={compile_enabled(config, device)}")
-    byte_tables = ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size)
     val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
+    # one denominator for every scorer: SentencePiece tables, or the raw-text sidecar (CaseOps)
+    byte_tables = byte_accounting(config, val_tokens.numel())
     total = val_tokens.numel() - 1
     record = EvalRecord(logger, {"world_size": ctx.world_size, "device": str(device), "tokens": total,
                                  "bytes": int(byte_tables.stream_bytes(val_tokens[:total + 1].numpy()))})

@@ -7,10 +7,12 @@ tokens stand for (SPEC 1.6-1.7):
     val_loss = sum(NLL nats) / N_tokens
     val_bpb  = sum(NLL nats) / (ln 2 * sum(bytes(target | prev)))
 
-Sums are float64 and all-reduced across ranks; bytes come from the one byte counter,
-`ByteTables.count_bytes`. Training's periodic validation, the quantization statistics and the
-eval stage all call `eval_val`; the sliding-window and TTT scorers of the eval stage live in
-`parlm.eval.scoring` and `parlm.eval.ttt`.
+Sums are float64 and all-reduced across ranks; bytes come from the one byte accounting,
+`parlm.data.accounting.byte_accounting(config)`: the SentencePiece tables for plain data, the
+raw-text sidecar for CaseOps data, called alike as `count_bytes(target, prev, positions)`.
+Training's periodic validation, the quantization statistics and the eval stage all call
+`eval_val`; the sliding-window and TTT scorers of the eval stage live in `parlm.eval.scoring`
+and `parlm.eval.ttt`.
 """
 from __future__ import annotations
 
@@ -86,8 +88,8 @@ def eval_val(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx) 
     The stream val_tokens[0..T] (T+1 tokens) is cut into T // eval_seq_len sequences
     x = tokens[i·L : (i+1)·L], y = tokens[i·L+1 : (i+1)·L+1], split contiguously across
     ranks. `model(x, y)` returns the mean CE of a batch (bf16 autocast on CUDA), so
-    Σnll += mean·n_tokens; bytes = count_bytes(y, x). Returns loss = Σnll/N and
-    bpb = Σnll/(ln2·Σbytes) over all ranks (float64 sums, all-reduced).
+    Σnll += mean·n_tokens; bytes = count_bytes(y, x, positions of y in the stream). Returns
+    loss = Σnll/N and bpb = Σnll/(ln2·Σbytes) over all ranks (float64 sums, all-reduced).
     `model` may be compiled; its train/eval mode is restored afterwards."""
     device = ctx.device
     seq_len = config.eval_seq_len
@@ -110,7 +112,9 @@ def eval_val(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx) 
                 batch_loss = model(x, y).detach()
             sums[0] += batch_loss.to(torch.float64) * y.numel()
             sums[1] += y.numel()
-            sums[2] += tables.count_bytes(y, x).to(torch.float64).sum()
+            # y starts at stream position (seq_start + first)·L + 1 and runs on contiguously
+            first_target = (seq_start + first) * seq_len + 1
+            sums[2] += tables.count_bytes(y, x, first_target).to(torch.float64).sum()
     dist.all_reduce_sum(sums)
     synchronize(device)
     seconds = time.perf_counter() - t0

@@ -3,7 +3,9 @@
 Reads `<run_dir>/nll.npz` (target, prev, nll per scored position in stream order; nll_mix when
 the valid mixture ran) and writes
 - `ppm.json`: mix_bpb, ppm_only_bpb, nn_only_bpb, gate_skip, bytes, seconds, subset_tokens
-  (labelled `normalized: false` with a note: NOT a valid BPB, SPEC 6.6), plus on the same
+  (labelled `normalized: false` with a note: NOT a valid BPB, SPEC 6.6), bytes being the run's
+  BPB denominator (`parlm.data.accounting`, as every scorer) and stream_bytes the bytes the
+  mixture predicts (the scored tokens' pieces; they differ for CaseOps data), plus on the same
   positions the plain neural BPB (BOS NLL included, as the neural scorers count it) and the
   valid token mixture's BPB when nll_mix exists, the audit summary and the void fraction;
 - `ppm_trace.npz`: per-byte gate traces (every trace_stride-th byte: byte, lambda choice,
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parlm.data.accounting import byte_accounting, piece_tables
 from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, load_checkpoint, verify_artifact
 from parlm.runlog import RunLogger, atomic_write_bytes, read_json, write_json
 from parlm.ppm.bytestream import TokenByteLayout
@@ -98,12 +101,10 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
         return out
     verify_artifact(run_dir)  # nll.npz and the audit's model rows come from this artifact
     dump = load_nll(run_dir / "nll.npz")
-    from parlm.data.tokenizer import ByteTables
-
-    layout = TokenByteLayout.from_byte_tables(
-        ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size))
     subset = int(config.ppm_subset_tokens)
     keep = len(dump["target"]) if subset <= 0 else min(subset, len(dump["target"]))
+    accounting = byte_accounting(config, keep + 1)  # nll.npz's targets are stream positions 1..keep
+    layout = TokenByteLayout.from_byte_tables(piece_tables(accounting))
     target, prev, nll = dump["target"][:keep], dump["prev"][:keep], dump["nll"][:keep]
     counts = layout.byte_counts(target, prev)
     positions = audit_positions(counts, audit_count)
@@ -128,7 +129,7 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
     out = result.summary()
     out["subset_tokens"] = keep
     out["positions_available"] = int(len(dump["target"]))
-    bytes_total = float(counts.sum())
+    bytes_total = float(charge_denominator(out, accounting, target, prev))
     out["neural_bpb_same_positions"] = float(nll.sum() / (LOG2 * bytes_total)) if bytes_total else None
     if "nll_mix" in dump:
         out["mix_valid_bpb_same_positions"] = float(dump["nll_mix"][:keep].sum() / (LOG2 * bytes_total))
@@ -143,11 +144,29 @@ def ppm_run(config, run_dir, audit_count: int = 64, audit_neural: str = "auto",
     out["void_fraction"], out["void_fraction_source"] = _void_from_checkpoint(run_dir)
     write_traces(run_dir / "ppm_trace.npz", result, target, counts)
     write_json(run_dir / "ppm.json", out)
-    logger.log(f"ppm_mix bytes={result.bytes} mix_bpb={result.mix_bpb:.6f} "
-               f"ppm_only={result.ppm_only_bpb:.6f} nn_only={result.nn_only_bpb:.6f} "
+    logger.log(f"ppm_mix bytes={out['bytes']} mix_bpb={out['mix_bpb']:.6f} "
+               f"ppm_only={out['ppm_only_bpb']:.6f} nn_only={out['nn_only_bpb']:.6f} "
                f"gate_skip={100 * result.gate_skip:.2f}% time={result.seconds:.1f}s (not normalized)")
     logger.metric("ppm", **{k: v for k, v in out.items() if not isinstance(v, dict)})
     return out
+
+
+def charge_denominator(out: dict, accounting, target: np.ndarray, prev: np.ndarray) -> int:
+    """Set ppm.json's byte fields from the run's one accounting and return the denominator.
+
+    bytes = Σ accounting.count_bytes(target, prev, positions 1..n) (the scorers' rule);
+    stream_bytes = the bytes the mixture predicted (the legacy result's `bytes`). When they
+    differ (CaseOps: the pieces spell the transformed text, a bijection of the original), the
+    mixture's total code length is charged to the original bytes:
+    mix/ppm_only/nn_only_bpb ← bpb · stream_bytes / bytes. Plain data: equal, left as is."""
+    stream_bytes = int(out["bytes"])
+    denominator = int(accounting.count_bytes(target, prev, 1).sum())
+    out["stream_bytes"] = stream_bytes
+    if denominator != stream_bytes and denominator > 0:
+        for key in ("mix_bpb", "ppm_only_bpb", "nn_only_bpb"):
+            out[key] = out[key] * stream_bytes / denominator
+        out["bytes"] = denominator
+    return denominator
 
 
 def write_traces(path, result, target: np.ndarray, counts: np.ndarray) -> None:

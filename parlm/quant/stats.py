@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from parlm import dist, runlog
+from parlm.data.accounting import byte_accounting
 from parlm.data.shards import load_validation_tokens
-from parlm.data.tokenizer import ByteTables
 from parlm.model.gpt import build_model
 from parlm.model.validation import eval_val
 from parlm.quant.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, dequantize_state, load_quantized_model
@@ -53,14 +53,15 @@ def tensor_statistics(state_dict, weights, methods, hessians, device) -> dict[st
 
 def bpb_before_after(config, run_dir, reuse_prequant: bool = True) -> dict:
     """Plain validation BPB (`parlm.eval.eval_val`, SPEC 5.1) of the EMA model
-    (final_model.pt) and of the model rebuilt from the artifact, both with looping on:
+    (final_model.pt) and of the model rebuilt from the artifact, both with looping on and the
+    run's byte accounting (`parlm.data.accounting.byte_accounting`):
     {"prequant": bpb, "quantized": bpb, "rise": quantized - prequant, "prequant_source"}.
     With `reuse_prequant` the EMA number is train.json's `prequant_bpb` (the same eval_val of
     the same weights, run at the end of training) when present."""
     run_dir = Path(run_dir)
     ctx = dist.init_distributed(config.device)
     val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
-    byte_tables = ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size)
+    byte_tables = byte_accounting(config, val_tokens.numel())  # tables, or the raw-text sidecar
     train = runlog.read_json(run_dir / "train.json") if (run_dir / "train.json").exists() else {}
     if reuse_prequant and train.get("prequant_bpb") is not None:
         before, source = float(train["prequant_bpb"]), "train.json"

@@ -1,9 +1,11 @@
 """Statistics of the multi-seed report and of ablations: sample moments and Welch's t-test with
 the confidence interval of the difference of means, through `scipy.stats`.
 
-`welch_interval(a, b, confidence=0.95)` is the one entry point a comparison needs (the report's
-TTT BPB against a baseline, an ablation variant against its base): the difference of means, its
-Welch interval and the p-values, as a `WelchResult`.
+`welch_interval(a, b, confidence=0.95)` is the one entry point a comparison of independent
+samples needs (the report's TTT BPB against a baseline, an ablation variant against its base):
+the difference of means, its Welch interval and the p-values, as a `WelchResult`. Paired samples
+(two variants trained on the same seeds) use `paired_interval(a, b)`: the Student t interval of
+the mean per-pair difference (`mean_interval` of a_i - b_i), as a `MeanInterval`.
 """
 from __future__ import annotations
 
@@ -114,3 +116,63 @@ def _scipy_welch(a, b, confidence, moments, stats) -> WelchResult:
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
     """`welch_interval(a, b)` at 95% confidence (the report's TTT BPB test)."""
     return welch_interval(a, b, 0.95)
+
+
+@dataclass
+class MeanInterval:
+    """Student t interval of a mean (one sample, or the differences of paired samples).
+
+    se = s / sqrt(n), s = sample standard deviation (ddof=1); t = mean / se (against 0);
+    df = n - 1; interval: mean -+ t_{df, (1+confidence)/2} * se, i.e. [low, high];
+    p_two_sided = P(|T_df| >= |t|)."""
+
+    mean: float
+    std: float
+    n: int
+    low: float
+    high: float
+    confidence: float
+    t: float
+    df: float
+    p_two_sided: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the interval lies entirely on one side of 0."""
+        return self.low > 0.0 or self.high < 0.0
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> MeanInterval:
+    """The mean of `values` with its Student t interval and the t-test against 0
+    (`scipy.stats.ttest_1samp(values, 0)` and its `confidence_interval`). At least two values;
+    zero spread gives the point interval [mean, mean] and t = +-inf, p = 0 (t = 0, p = 1 when
+    the mean is 0), where scipy answers nan."""
+    values = [float(x) for x in values]
+    if len(values) < 2:
+        raise ValueError(f"a t interval needs at least two values, got {len(values)}; run more seeds")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    center, spread = mean(values), sample_std(values)
+    moments = dict(mean=center, std=spread, n=len(values), confidence=confidence, df=float(len(values) - 1))
+    if spread == 0.0:
+        zero = center == 0.0
+        return MeanInterval(**moments, low=center, high=center, t=0.0 if zero else math.copysign(math.inf, center),
+                            p_two_sided=1.0 if zero else 0.0)
+    from scipy import stats
+
+    test = stats.ttest_1samp(values, 0.0)
+    interval = test.confidence_interval(confidence_level=confidence)
+    return MeanInterval(**moments, low=float(interval.low), high=float(interval.high),
+                        t=float(test.statistic), p_two_sided=float(test.pvalue))
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> MeanInterval:
+    """`mean_interval` of the per-pair differences a_i - b_i (the paired t interval: pairs share
+    a seed, so the seed's own noise cancels). `a` and `b` must have the same length."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"paired samples need the same length, got {len(a)} and {len(b)}")
+    return mean_interval([float(x) - float(y) for x, y in zip(a, b)], confidence)

@@ -1,5 +1,6 @@
 """What must hold before `parlm.train` spends any time: a valid config for this world size
-and tokenizer, the dataset on disk, a validation batch that fits, and a run folder without a
+and tokenizer, the dataset on disk with no validation document in its train data (the leak
+guard), a validation batch that fits, and a run folder without a
 finished training (an unfinished earlier attempt is cleared, saying so, or resumed from its
 checkpoint). Also what restarting the train stage of a seed clears, and the command for it."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import shlex
 from pathlib import Path
 
-from parlm import runlog
+from parlm import dist, runlog
 from parlm.runlog import CHECKPOINT_NAME
 from parlm.config import Config, ConfigError
 from parlm.train.checkpoint import CHECKPOINT_DIR, checkpoint_dir, remove_checkpoints
@@ -21,7 +22,9 @@ TRAIN_OUTPUTS = ("train.json", CHECKPOINT_NAME)
 
 def check_inputs(config: Config, world_size: int) -> int:
     """Fail before any training when the run cannot work: the config (`validate`), the data
-    (train and val shards, tokenizer) and the validation batch. Returns the train shard count."""
+    (train and val shards, tokenizer), the leak guard (`parlm.data.leak.check_config`: LeakError
+    naming how many validation documents are in train, and the fix) and the validation batch.
+    Returns the train shard count."""
     from parlm.data.shards import ShardError, check_dataset_vocabulary
     from parlm.data.tokenizer import load_tokenizer
 
@@ -40,6 +43,7 @@ def check_inputs(config: Config, world_size: int) -> int:
         check_dataset_vocabulary(config.datasets_dir, config.vocab_size)
     except ShardError as error:
         raise ConfigError(str(error)) from None
+    check_leak(config)
     per_rank = config.val_batch_tokens // (world_size * config.grad_accum_steps(world_size))
     if per_rank < config.eval_seq_len:
         raise ConfigError(
@@ -47,6 +51,27 @@ def check_inputs(config: Config, world_size: int) -> int:
             f"validation batch, less than eval_seq_len={config.eval_seq_len}; raise it to at least "
             f"{config.eval_seq_len * world_size * config.grad_accum_steps(world_size)}")
     return len(train_files)
+
+
+def check_leak(config: Config) -> None:
+    """The leak guard (`parlm.data.leak.check_config`: manifest hashes, else hashes of the
+    token sequences, whose verdict the dataset folder caches) on rank 0, its outcome raised on
+    every rank: LeakError naming how many validation documents are in train, and the fix.
+
+    Issue #2127: a preparation script's default put most validation documents into train, so
+    every run checks its dataset again. One rank scans (a download's token check reads every
+    shard) and writes the cache; the others wait in the broadcast."""
+    from parlm.data.leak import check_config
+
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            check_config(config)
+        except Exception as error:  # every rank must learn it, or the others would wait forever
+            outcome = error
+    outcome = dist.broadcast_object(outcome)
+    if outcome is not None:
+        raise outcome
 
 
 def missing_data_message(config: Config) -> str:

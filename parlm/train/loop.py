@@ -34,9 +34,10 @@ import torch
 from parlm import dist, runlog
 from parlm.cli import stage_command
 from parlm.config import Config
+from parlm.data.accounting import byte_accounting
+from parlm.data.leak import LeakError
 from parlm.data.loader import train_seq_len_at
 from parlm.data.shards import load_validation_tokens
-from parlm.data.tokenizer import ByteTables
 from parlm.dist import synchronize
 from parlm.model.validation import eval_val
 from parlm.runlog import CHECKPOINT_NAME
@@ -409,10 +410,12 @@ def prepare_attempt(config: Config, run_dir: Path, ctx: dist.DistContext, log) -
 
 def build_loop(config: Config, run_dir: Path, ctx: dist.DistContext, logger: runlog.RunLogger,
                num_train_shards: int) -> TimedLoop:
-    """Validation data, byte tables, the Trainer and its compile warmup, then the TimedLoop."""
+    """Validation data, its byte accounting (`parlm.data.accounting.byte_accounting`: the
+    tables, or the raw-text sidecar for CaseOps data), the Trainer and its compile warmup,
+    then the TimedLoop."""
     log = logger.log
     val_tokens = load_validation_tokens(config.val_files, config.eval_seq_len, config.val_max_tokens)
-    byte_tables = ByteTables.from_tokenizer(config.resolved_tokenizer_path, config.vocab_size)
+    byte_tables = byte_accounting(config, val_tokens.numel())
     trainer = Trainer(config, ctx)
     base_model = trainer.base_model
     budget_ms = config.effective_wallclock_ms()
@@ -463,4 +466,4 @@ def main(argv: list[str] | None = None) -> int:
         "config comes from --config, else <run-dir>/config.yaml, else --preset, else the reference "
         "defaults, then --set overrides.",
         train_run, argv, run_dir_help="run folder (created if missing)",
-        user_errors=(InsufficientMemoryError, TrainingDiverged), distributed=True)
+        user_errors=(InsufficientMemoryError, TrainingDiverged, LeakError), distributed=True)
