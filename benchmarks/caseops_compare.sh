@@ -9,14 +9,17 @@
 # the comparison isolates the transform; fwtok is shown beside them. The script prints each
 # validation byte total (the sidecar sum) and checks it against the raw byte count of the
 # documents read from the corpus, and checks that eval.json's bytes are the sidecar's.
-#     bash benchmarks/caseops_compare.sh ["plain caseops fwtok"] ["42 314"] [STEPS=120] [--set key=value ...]
+#     [PARALLEL=3] [PRIOR=DIR] bash benchmarks/caseops_compare.sh ["plain caseops fwtok"] ["42 314"] [STEPS=120] [--set key=value ...]
 # Written for the device tool: carry .carry (the corpus .xz and the 8192 tokenizer) and .whl.
-# Datasets already built are reused, so the runs can be split over several calls; each run's
-# eval.json and train.log go to $OUT (default runs/caseops_compare_out), the table at the end.
+# Datasets already built are reused; each run's eval.json and log go to $OUT (default
+# runs/caseops_compare_out), the table at the end covers every kind and seed found there. To split
+# the runs over several calls, carry an earlier call's *_eval.json files in a folder named by
+# PRIOR (ALL_KINDS / ALL_SEEDS name the table's rows when they differ from this call's).
 set -u
 KINDS=${1:-plain caseops fwtok}; SEEDS=${2:-42 314}; STEPS=${3:-120}
 shift $(( $# < 3 ? $# : 3 ))
 OUT=${OUT:-runs/caseops_compare_out}
+ALL_KINDS=${ALL_KINDS:-$KINDS}; ALL_SEEDS=${ALL_SEEDS:-$SEEDS}
 mkdir -p "$OUT"
 source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 DOCS=.carry/docs_selected.jsonl.xz
@@ -34,8 +37,8 @@ build() {  # build KIND: the dataset of one kind, skipped when built
     --out data --name $name --tokenizer-out data/tokenizers/${name}.model $args --workers 16 --quiet 2>&1 | tail -5
 }
 
-for kind in $KINDS; do build $kind || exit 1; done
-python3 - $KINDS <<'PY' || exit 1
+for kind in $ALL_KINDS; do build $kind || exit 1; done
+python3 - $ALL_KINDS <<'PY' || exit 1
 import json, sys
 from parlm.data.corpus import iter_documents
 raw = 0
@@ -53,32 +56,48 @@ for kind in sys.argv[1:]:
         sys.exit(1)
 PY
 
-for kind in $KINDS; do
-  name=wiki2015_${kind}_sp8192
-  transform=none; [ $kind = caseops ] && transform=caseops
-  for seed in $SEEDS; do
-    run=runs/caseops_compare/${kind}/seed_$seed
-    [ -f $run/eval.json ] && continue
-    stamp "$kind seed $seed, $STEPS steps"
-    SETS="--set dataset_name=$name --set tokenizer_path=./data/tokenizers/${name}.model --set text_transform=$transform
-          --set byte_accounting=sidecar --set seed=$seed --set iterations=$STEPS --set max_wallclock_seconds=0 $ANCHORS_SETS"
-    python3 -m parlm.train --run-dir $run --preset proxy $SETS "$@" 2>&1 | drop_progress | tail -3
+# run_one KIND SEED: train, quantize and score one model; its eval.json and a log (console lines and
+# the training log's summary lines) go to $OUT.
+run_one() {
+  local kind=$1 seed=$2 name=wiki2015_${1}_sp8192 transform=none
+  local run=runs/caseops_compare/${kind}/seed_$seed log=$OUT/${1}_seed${2}.log
+  [ $kind = caseops ] && transform=caseops
+  SETS="--set dataset_name=$name --set tokenizer_path=./data/tokenizers/${name}.model --set text_transform=$transform
+        --set byte_accounting=sidecar --set seed=$seed --set iterations=$STEPS --set max_wallclock_seconds=0 $ANCHORS_SETS"
+  { stamp "$kind seed $seed, $STEPS steps"
+    python3 -m parlm.train --run-dir $run --preset proxy $SETS "${EXTRA[@]}" 2>&1 | drop_progress | tail -3
     python3 -m parlm.quant --run-dir $run 2>&1 | drop_progress | tail -2
     python3 -m parlm.eval --run-dir $run 2>&1 | drop_progress | tail -4
-    cp $run/eval.json "$OUT/${kind}_seed${seed}_eval.json"; cp $run/train.log "$OUT/${kind}_seed${seed}_train.log"
+    grep -E "stopping|peak memory|tok/s" $run/train.log | tail -4
+    stamp "$kind seed $seed done"; } > "$log" 2>&1
+  cp $run/eval.json "$OUT/${kind}_seed${seed}_eval.json"
+}
+
+# PARALLEL runs share the GPU at once (equal steps: the step count, not the clock, ends training;
+# an H200 holds three proxy runs of ~40 GiB each).
+EXTRA=("$@")
+for seed in $SEEDS; do
+  for kind in $KINDS; do
+    [ -f "$OUT/${kind}_seed${seed}_eval.json" ] && continue
+    while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-1}" ]; do wait -n; done
+    run_one $kind $seed &
   done
 done
+wait
+for seed in $SEEDS; do for kind in $KINDS; do cat "$OUT/${kind}_seed${seed}.log" 2>/dev/null; done; done
+# Results of earlier calls (their $OUT/*_eval.json files, carried back in) join the table.
+[ -n "${PRIOR:-}" ] && cp -n "$PRIOR"/*_eval.json "$OUT"/ 2>/dev/null
 
-python3 - "$KINDS" "$SEEDS" <<'PY'
+python3 - "$ALL_KINDS" "$ALL_SEEDS" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 from parlm.data.shards import load_validation_byte_counts
 from parlm.report.stats import paired_interval
-kinds, seeds = sys.argv[1].split(), sys.argv[2].split()
+kinds, seeds, out = sys.argv[1].split(), sys.argv[2].split(), Path(sys.argv[3])
 bpb = {}
 for kind in kinds:
     for seed in seeds:
-        path = Path(f"runs/caseops_compare/{kind}/seed_{seed}/eval.json")
+        path = out / f"{kind}_seed{seed}_eval.json"
         if not path.is_file():
             continue
         result = json.loads(path.read_text())
