@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from parlm.submission import build
+from parlm.submission import build, minify
 from parlm.submission.minify import minify_modules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +100,9 @@ def test_minified_module_behaves_the_same():
     assert '"""' not in minified and "docstring" not in minified
     assert "unused_helper" not in minified and "unused_method" not in minified
     assert "main block" not in minified
-    assert "x: int = 1" in minified  # dataclass field annotations kept
-    assert "-> float" not in minified and "count: int" not in minified
+    assert "x:int=1" in minified  # dataclass field annotations kept
+    assert "from __future__ import annotations" in minified  # they still need it
+    assert "->float" not in minified and "count:int" not in minified
     assert len(minified) < 0.7 * len(TRICKY_MODULE)
     original, small = _run_module(TRICKY_MODULE, "tricky_a"), _run_module(minified, "tricky_b")
     assert original["describe"](3, 4.0) == small["describe"](3, 4.0) == 5.0
@@ -109,6 +110,41 @@ def test_minified_module_behaves_the_same():
     assert original["shadowing"]([1, 2, 3]) == small["shadowing"]([1, 2, 3])
     assert original["uses_globals"]() == small["uses_globals"]() == 3
     assert small["GLOBAL_SCALE"] == 4
+
+
+def test_minifier_drops_annotations_and_whitespace():
+    """Without class-level annotations the future import goes too; the whitespace left is what
+    the tokens need (hand-worked examples), and the program still does the same."""
+    source = textwrap.dedent('''
+        from __future__ import annotations
+        LIMIT: int = 3
+        def pick(values: list[int], *extra: int, scale: float = 1.5, **named) -> list:
+            kept: list = [value for value in values if value > LIMIT or value in extra]
+            return [item * scale if item else .5 for item in kept] + [1.e3, 0x1F, 2j, (1).real] + [
+                named.get("k", "a" "b"), not -1, f"{scale!r:>{LIMIT}}", -LIMIT ** -2, str(LIMIT) in "abc3" or 'x']
+    ''')
+    minified = minify_modules({"m": source}, {"m": {"pick"}})["m"]
+    assert "__future__" not in minified and "int" not in minified and "->" not in minified
+    assert "LIMIT=3\n" in minified and "def pick(values,*extra,scale=1.5,**named):\n" in minified
+    original, small = _run_module(source, "pick_a"), _run_module(minified, "pick_b")
+    assert original["pick"]([1, 5, 0, 7], 0, scale=2.0, k="z") == small["pick"]([1, 5, 0, 7], 0, scale=2.0, k="z")
+    assert minify._squeeze("x = 1 if a else 0.5\nif a in 'b' and not -1:\n    y = (1).real\n") == \
+        "x=1 if a else 0.5\nif a in'b'and not-1:\n y=(1).real\n"
+
+
+def test_shake_follows_a_name_to_the_module_it_comes_from():
+    """A def survives for a `from M import name` of its own module only; an import no code
+    uses goes, even where another module imports the same name."""
+    modules = {"parlm.a": "def shared():\n return 1\ndef same_name():\n return 2\n",
+               "parlm.b": "from parlm.a import shared\nfrom parlm.c import same_name\ndef run():\n return shared() + same_name()\n",
+               "parlm.c": "def same_name():\n return 3\n",
+               "parlm.d": "from parlm.a import shared\nfrom parlm.c import same_name\n"}
+    out = minify_modules(modules, {"parlm.b": {"run"}})
+    assert "shared" in out["parlm.a"] and "same_name" not in out["parlm.a"] and "same_name" in out["parlm.c"]
+    assert out["parlm.d"] == "pass\n"
+    namespace = {}
+    exec(out["parlm.c"] + out["parlm.a"] + out["parlm.b"].split("\n", 2)[2], namespace)
+    assert namespace["run"]() == 4
 
 
 def test_every_script_form_runs_the_program(tmp_path):
