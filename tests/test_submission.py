@@ -540,3 +540,32 @@ def test_records_are_portable_and_state_the_contest_cap(tmp_path, tiny_config):
         assert str(tmp_path) not in text, name
     assert "runs/raised/seed_1/final_model.pt" in (out / "train_seed1.log").read_text()
 
+
+def _readme_figures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_figures", REPO_ROOT / "scripts" / "readme_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_figures_check_each_preset_quote(tmp_path):
+    """scripts/readme_figures.py checks every quoted size, the presets' too, and with
+    required=all (its --check) says which one no sentence quotes."""
+    figures = _readme_figures()
+    values = {"bytes_code": 100, "bytes_code_frontier": 2000, "bytes_code_demo_frontier": 3000}
+    readme = tmp_path / "README.md"
+    readme.write_text("the generated `train_gpt.py` is **100 bytes**, **2,001 bytes** for `--preset frontier`\n")
+    problems = figures.check(readme, values, required=tuple(values))
+    assert len(problems) == 2
+    assert "no sentence quotes bytes_code_demo_frontier" in problems[0] and "`--preset demo-frontier`" in problems[0]
+    assert problems[1].endswith("quotes bytes_code_frontier 2,001, the code generates 2,000; write 2,000")
+
+
+@pytest.mark.slow  # builds three scripts
+def test_readme_quotes_every_script_size():
+    figures = _readme_figures()
+    values = figures.figures()
+    assert set(values) == {"bytes_code", "bytes_code_frontier", "bytes_code_demo_frontier"}
+    assert figures.check(REPO_ROOT / "README.md", values, required=tuple(values)) == []
