@@ -218,11 +218,12 @@ def compress(payload: bytes, compressor: str = "brotli", workers: int | None = N
 
 def decompress(blob: bytes) -> bytes:
     """Artifact file bytes -> payload (inverse of `compress`, either format)."""
-    from parlm.quant.compression import PER_GROUP_MAGIC, decompress_per_group
-
-    if blob[:4] == PER_GROUP_MAGIC:
-        return decompress_per_group(blob)
     if blob[:4] != MAGIC:
+        # Imported only here: a submission script generated for another compressor lacks it.
+        from parlm.quant.compression import PER_GROUP_MAGIC, decompress_per_group
+
+        if blob[:4] == PER_GROUP_MAGIC:
+            return decompress_per_group(blob)
         raise ValueError(f"not a parlm artifact (magic {blob[:4]!r}, expected {MAGIC!r})")
     if len(blob) < 9 or blob[4] >= len(COMPRESSORS):
         raise ValueError(f"not a parlm artifact ({len(blob)} bytes, compressor byte {blob[4:5]!r})")
@@ -368,9 +369,6 @@ def dequantize_state(weights: dict[str, torch.Tensor], methods: dict[str, str],
     """State dict with the template's dtypes: W = Q * s[:, None] computed in fp32 for GPTQ
     tensors (AWQ-lite columns with their own scales, plus the LQER low-rank correction where
     stored), fp16 passthrough cast back (SPEC 4.3: fp32 linears, bf16 embedding)."""
-    from parlm.quant.awq import restore_protected_columns
-    from parlm.quant.lqer import apply_correction
-
     state = {}
     for name, like in template.items():
         method = methods.get(name)
@@ -379,7 +377,16 @@ def dequantize_state(weights: dict[str, torch.Tensor], methods: dict[str, str],
         if method.startswith("gptq"):
             codes, scales = weights[name + ".q"], weights[name + ".scale"]
             value = codes.float() * scales.float().view(codes.shape[0], *[1] * (codes.ndim - 1))
-            value = apply_correction(name, restore_protected_columns(name, value, weights), weights)
+            # Imported only for the tensors that have them: a submission script generated
+            # with AWQ-lite or LQER off lacks their modules (parlm.submission.build).
+            if "+awq" in method:
+                from parlm.quant.awq import restore_protected_columns
+
+                value = restore_protected_columns(name, value, weights)
+            if "+lqer" in method:
+                from parlm.quant.lqer import apply_correction
+
+                value = apply_correction(name, value, weights)
         else:
             value = weights[name]
         if tuple(value.shape) != tuple(like.shape):

@@ -104,15 +104,16 @@ def quantize_state(config, state_dict: dict[str, torch.Tensor], hessians: dict[s
     return weights, methods
 
 
-def generated_code_bytes(run_dir: Path) -> tuple[int, str]:
-    """Build the submission script from the installed package, write it to
+def generated_code_bytes(config, run_dir: Path) -> tuple[int, str]:
+    """Build the submission script of `config` from the installed package (it carries the
+    modules of the switches `config` turns on and runs `config` by default), write it to
     `<run_dir>/submission_train_gpt.py` and return (its size in bytes, its sha256)."""
     # Imported here: the generated script itself does not carry its generator. The builder
     # reads package sources and imports no stage, so it ranks below the stages
     # (docs/architecture.md).
     from parlm.submission.build import build_submission_script, write_generated_file
 
-    script = build_submission_script()
+    script = build_submission_script(config)
     write_generated_file(run_dir / CODE_NAME, script)
     return len(script), hashlib.sha256(script).hexdigest()
 
@@ -208,7 +209,7 @@ def quantize_run(config, run_dir, code_bytes: int | None = None, statistics: boo
     compress_seconds = time.perf_counter() - started
 
     if code_bytes is None:
-        code_bytes, code_sha256 = generated_code_bytes(run_dir)
+        code_bytes, code_sha256 = generated_code_bytes(config, run_dir)
     else:
         code_sha256 = None
     bytes_model = len(blob)

@@ -1,10 +1,16 @@
 """`python -m parlm.submission {export,build}`: the records folder of a run, or just the
-generated train_gpt.py with its size report."""
+generated train_gpt.py of a config with its size report.
+
+    python -m parlm.submission build --out train_gpt.py [--config FILE] [--preset NAME] [--set KEY=VALUE ...]
+
+The script carries the switch modules that config turns on and runs that config by default."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from parlm.config import ConfigError, add_config_arguments, config_from_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--run-root", required=True, help="run folder holding seed_<n>/ folders (runs/<id>)")
     export.add_argument("--out", required=True, help="records folder to write (new, empty, or an earlier export)")
     export.add_argument("--name", help="submission name (default: parlm <run id>)")
-    build = commands.add_parser("build", help="write the generated train_gpt.py and print its size report")
+    build = commands.add_parser("build", help="write the generated train_gpt.py of a config and print its size report")
     build.add_argument("--out", required=True, help="file to write (never inside the parlm sources)")
+    add_config_arguments(build)
     args = parser.parse_args(argv)
     if args.command == "export":
         from parlm.submission.records import ExportError, export as export_records
@@ -30,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from parlm.submission.build import build_submission_script, write_generated_file
 
+    try:
+        config = config_from_arguments(args)
+    except ConfigError as error:
+        print(f"parlm.submission: error: {error}", file=sys.stderr)
+        return 1
     report: dict = {}
-    script = build_submission_script(report=report)
+    script = build_submission_script(config, report=report)
     path = write_generated_file(args.out, script)
     print(json.dumps({"path": str(path), "bytes": len(script), **report}, indent=1))
     return 0

@@ -1,12 +1,15 @@
 """Minification of module sources through their AST, keeping the program (used by
 `parlm.submission.build`):
 
-- drop docstrings and bare string statements, function annotations (class-level ones stay:
-  dataclass fields need them), `if __name__ == "__main__"` blocks;
+- drop docstrings and bare string statements, function annotations, the annotations of
+  assignments outside classes (class-level ones stay: dataclass fields need them),
+  `from __future__ import annotations` where none is left, `if __name__ == "__main__"` blocks;
 - `shake`: remove, to a fixpoint, names imported from parlm modules and never used, and
   top-level functions/classes/methods nothing can refer to;
 - `rename_locals`: short names for function-local variables whose every use is known;
-- `ast.unparse`, one space per indentation level, no blank lines.
+- `ast.unparse`, then the tokens with the least whitespace (`_squeeze`: one space per
+  indentation level, spaces only where two tokens would join, no blank lines), kept only when
+  it parses to the same AST.
 
 Functions with decorators outside PURE_DECORATORS are left as written (a decorator may read
 annotations, names or source).
@@ -25,11 +28,12 @@ PURE_DECORATORS = {"lru_cache", "cache", "no_grad", "inference_mode", "compile",
 
 
 class _Stripper(ast.NodeTransformer):
-    """Drop docstrings / bare string statements, function annotations, annotated assignments
-    in functions (kept in class bodies: dataclass fields) and `__main__` blocks."""
+    """Drop docstrings / bare string statements, function annotations, the annotations of
+    assignments outside class bodies (kept there: dataclass fields) and `__main__` blocks."""
 
     def __init__(self):
         self.function_depth = 0
+        self.in_class = False
 
     def _body(self, statements):
         kept = []
@@ -59,24 +63,40 @@ class _Stripper(ast.NodeTransformer):
             if arg is not None:
                 arg.annotation = None
         self.function_depth += 1
+        in_class, self.in_class = self.in_class, False
         node = self.generic_visit(node)
         self.function_depth -= 1
+        self.in_class = in_class
         return node
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_ClassDef(self, node):
         depth, self.function_depth = self.function_depth, 0
+        in_class, self.in_class = self.in_class, True
         node = self.generic_visit(node)
-        self.function_depth = depth
+        self.function_depth, self.in_class = depth, in_class
         return node
 
     def visit_AnnAssign(self, node):
-        if not self.function_depth:
-            return node
-        if node.value is None:
-            return node  # a bare declaration still makes the name local; keep it
+        if self.in_class or node.value is None:
+            return node  # a field (dataclasses read it) or a bare declaration (it makes a name local)
         return ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node)
+
+    def visit_Module(self, node):
+        """Also drop `from __future__ import annotations` when no annotation is left (it then
+        changes nothing)."""
+        node = self.generic_visit(node)
+        annotated = any(isinstance(n, ast.AnnAssign) or getattr(n, "returns", None) is not None
+                        or (isinstance(n, ast.arg) and n.annotation is not None) for n in ast.walk(node))
+        if not annotated:
+            node.body = [statement for statement in node.body if not _is_future_annotations(statement)] or [ast.Pass()]
+        return node
+
+
+def _is_future_annotations(statement: ast.stmt) -> bool:
+    return (isinstance(statement, ast.ImportFrom) and statement.module == "__future__"
+            and [alias.name for alias in statement.names] == ["annotations"])
 
 
 def _is_main_guard(test: ast.expr) -> bool:
@@ -92,16 +112,17 @@ def _decorator_name(node: ast.expr) -> str:
 
 def _scan(tree: ast.Module) -> dict:
     """One walk of a module: names used as ast.Name ("local"), attribute names and
-    identifier-like strings ("reach": how other code may reach its objects), names it imports
-    ("imported") and its classes."""
-    local, reach, imported, classes = set(), set(), set(), []
+    identifier-like strings ("reach": how other code may reach its objects), the names it
+    imports by `from M import`, per M as written ("imported"), and its classes."""
+    local, reach, imported, classes = set(), set(), {}, []
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             local.add(node.id)
         elif isinstance(node, ast.Attribute):
             reach.add(node.attr)
-        elif isinstance(node, ast.alias):
-            imported.update((node.name, node.name.split(".")[0]))
+        elif isinstance(node, ast.ImportFrom):
+            source = "." * node.level + (node.module or "")
+            imported.setdefault(source, set()).update(alias.name for alias in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
             reach.add(node.value)
         elif isinstance(node, ast.ClassDef):
@@ -146,28 +167,39 @@ def _fill_empty_bodies(tree: ast.AST) -> None:
 def shake(trees: dict[str, ast.Module], keep: dict[str, set[str]]) -> None:
     """Remove, to a fixpoint, what nothing refers to: names imported from parlm modules and
     never used; top-level functions and classes whose name appears neither as a name in their
-    module nor as an attribute, string or imported name anywhere else; methods whose name
+    module, nor as an attribute or string anywhere, nor as a name another module imports from
+    theirs (or from any module, through a relative import); methods whose name
     appears nowhere as an attribute or string. `keep` names roots per module. Decorated defs
     are kept unless every decorator is in PURE_DECORATORS; dunder names are always kept."""
-    changed = True
+    scans = {name: _scan(tree) for name, tree in trees.items()}
+    changed = set(trees)
     while changed:
-        changed = False
-        scans = {name: _scan(tree) for name, tree in trees.items()}
         reach = set().union(*(scan["reach"] for scan in scans.values()))
+        changed = set()
         for name, tree in trees.items():
-            others = set().union(*(scan["imported"] for other, scan in scans.items() if other != name))
+            others = set()  # names other modules import from this one (or from a relative module)
+            for other, scan in scans.items():
+                if other != name:
+                    for source, names in scan["imported"].items():
+                        if source == name or source.startswith("."):
+                            others |= names
             referenced = scans[name]["local"] | reach | others | keep.get(name, set())
             pruner = _ImportPruner(referenced)
             pruner.visit(tree)
-            _fill_empty_bodies(tree)
-            changed |= pruner.changed
+            if pruner.changed:
+                _fill_empty_bodies(tree)
+                changed.add(name)
             body = [node for node in tree.body if not _removable(node, referenced)]
-            changed |= len(body) != len(tree.body)
+            if len(body) != len(tree.body):
+                changed.add(name)
             tree.body = body or [ast.Pass()]
             for node in scans[name]["classes"]:
                 methods = [m for m in node.body if not _removable(m, referenced)]
-                changed |= len(methods) != len(node.body)
+                if len(methods) != len(node.body):
+                    changed.add(name)
                 node.body = methods or [ast.Pass()]
+        for name in changed:  # the other modules' scans still hold
+            scans[name] = _scan(trees[name])
 
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp,
@@ -263,6 +295,49 @@ def rename_locals(tree: ast.Module) -> None:
                 node.name = mapping[node.name]
 
 
+def _joins(left: tokenize.TokenInfo, right: tokenize.TokenInfo) -> bool:
+    """Whether `left` and `right` would read as one token without a space between them: two
+    identifier characters meet (names, keywords, numbers), or a number meets a dot or a letter."""
+    last, first = left.string[-1], right.string[0]
+    return (("a" + last).isidentifier() and ("a" + first).isidentifier()) or (
+        left.type == tokenize.NUMBER and (first == "." or first.isalpha()))
+
+
+def _squeeze(source: str) -> str:
+    """The same tokens with the least whitespace: one space per indentation level, one space
+    between two tokens only where they would otherwise join (`_joins`), no blank lines or
+    comments; multi-line strings are single tokens and stay as they are."""
+    out, depth, previous = [], 0, None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.INDENT:
+            depth += 1
+        elif token.type == tokenize.DEDENT:
+            depth -= 1
+        elif token.type == tokenize.NEWLINE:
+            out.append("\n")
+            previous = None
+        elif token.type not in (tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER):
+            if previous is None:
+                out.append(" " * depth)
+            elif _joins(previous, token):
+                out.append(" ")
+            out.append(token.string)
+            previous = token
+    return "".join(out)
+
+
+def _layout(source: str) -> str:
+    """`_squeeze(source)` when it parses to the same AST as `source` (it always should; the
+    check makes it certain), else `_reindent(source)`."""
+    squeezed = _squeeze(source)
+    try:
+        if ast.dump(ast.parse(squeezed)) == ast.dump(ast.parse(source)):
+            return squeezed
+    except SyntaxError:
+        pass
+    return _reindent(source)
+
+
 def _reindent(source: str) -> str:
     """One space per indentation level (ast.unparse writes four) and no blank lines; lines
     inside multi-line string tokens are left alone."""
@@ -293,7 +368,7 @@ def minify_modules(sources: dict[str, str], roots: dict[str, set[str]]) -> dict[
         rename_locals(tree)
     out = {}
     for name, tree in trees.items():
-        text = _reindent(ast.unparse(ast.fix_missing_locations(tree)))
+        text = _layout(ast.unparse(ast.fix_missing_locations(tree)))
         compile(text, name, "exec")  # the minified module must still be valid Python
         out[name] = text
     return out

@@ -25,9 +25,9 @@ import os
 import shlex
 from pathlib import Path
 
-from parlm.config import ARTIFACT_CAP_BYTES, PRESET_PATH_KEYS, PROJECT_ROOT
+from parlm.config import ARTIFACT_CAP_BYTES, PROJECT_ROOT
 from parlm.runlog import read_json, write_json
-from parlm.submission.build import build_submission_script, write_generated_file
+from parlm.submission.build import build_submission_script, portable_overrides, write_generated_file
 
 MANIFEST = ".parlm_export.json"
 LOG_PARTS = ("train.log", "quant.log", "eval.log")
@@ -68,36 +68,6 @@ def seed_result(folder: Path, code_bytes: int, code_sha256: str) -> dict:
     if summary.get("mix_bpb_legacy") is not None:
         result["mix_bpb_legacy_not_a_valid_bpb"] = summary["mix_bpb_legacy"]
     return result
-
-
-def portable_path(value: str, data_dir: str) -> str:
-    """A data path without the machine's folders: `./data/<rest>` for a path inside `data_dir`
-    (data_dir itself is `./data/`), a path inside the checkout relative to it, else
-    `./data/<file name>`: the challenge's layout, which the README asks the reader to provide."""
-    if not value:
-        return value
-    path, data = Path(os.path.abspath(value)), Path(os.path.abspath(data_dir))
-    for base, prefix in ((data, "./data"), (PROJECT_ROOT, ".")):
-        try:
-            rest = path.relative_to(base).as_posix()
-        except ValueError:
-            continue
-        return f"{prefix}/" if rest == "." else f"{prefix}/{rest}"
-    return f"./data/{path.name}"
-
-
-def portable_overrides(config) -> dict:
-    """The settings of `config` that differ from Config()'s defaults (the seed left out), with
-    its data paths made portable (`portable_path`)."""
-    from parlm.config import Config
-
-    defaults = Config().to_dict()
-    values = config.to_dict()
-    changed = {k: v for k, v in values.items() if k != "seed" and v != defaults[k]}
-    for key in PRESET_PATH_KEYS:
-        if key in changed:
-            changed[key] = portable_path(str(changed[key]), str(values["data_dir"]))
-    return {k: v for k, v in changed.items() if v != defaults[k]}
 
 
 def reproduce_commands(overrides: dict, seeds, nproc: int) -> dict[str, list[str]]:
@@ -226,17 +196,19 @@ def export(run_root, out_dir, name: str | None = None) -> dict:
     folders = [f for f in seed_folders(run_root) if (f / "quant.json").exists() or (f / "train.json").exists()]
     if not folders:
         raise ExportError(f"{run_root} holds no seed_<n> folder with results")
-    report: dict = {}
-    script = build_submission_script(report=report)
-    code_sha256 = hashlib.sha256(script).hexdigest()
-    seeds, caps = {}, {}
     for folder in folders:
         if not (folder / "config.yaml").exists():
             raise ExportError(f"{folder} has no config.yaml; it is not a parlm run folder")
+    config = Config.load(folders[0] / "config.yaml")
+    report: dict = {}
+    # One script for every seed: its settings leave the seed to the command line.
+    script = build_submission_script(config, report=report)
+    code_sha256 = hashlib.sha256(script).hexdigest()
+    seeds, caps = {}, {}
+    for folder in folders:
         seed_config = Config.load(folder / "config.yaml")
         seeds[str(seed_config.seed)] = seed_result(folder, len(script), code_sha256)
         caps[str(seed_config.seed)] = seed_config.artifact_cap_bytes
-    config = Config.load(folders[0] / "config.yaml")
     run_cap = min(caps.values())
     over = {seed: r["bytes_total"] for seed, r in seeds.items() if r["bytes_total"] > caps[seed]}
     if over:
