@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from parlm import dist
+from parlm import dist, runlog
 from parlm.config import ConfigError, add_config_arguments, config_from_arguments
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
@@ -63,7 +63,8 @@ def stage_command(prog: str, description: str, stage_function: Callable, argv: S
                   run_dir_help: str = "run folder (holds config.yaml and the stage's inputs)",
                   user_errors: tuple[type[BaseException], ...] = (), distributed: bool = False) -> int:
     """Parse `argv`, resolve the config, run `stage_function(config, run_dir)`; return the exit
-    code. Errors of USER_ERRORS + `user_errors` print `<prog>: error: <message>` (prefixed by
+    code. Errors of USER_ERRORS + `user_errors`, and a run folder that cannot be written
+    (runlog.unwritable_message: read-only, full), print `<prog>: error: <message>` (prefixed by
     the rank under torchrun) and return 1; the process group is closed either way (without the
     final barrier after an error, which the other ranks may never reach).
 
@@ -83,10 +84,16 @@ def stage_command(prog: str, description: str, stage_function: Callable, argv: S
     failed = False
     try:
         stage_function(config_from_arguments(args, args.run_dir), args.run_dir)
-    except USER_ERRORS + tuple(user_errors) as error:
+    except USER_ERRORS + tuple(user_errors) + (OSError,) as error:
+        message = str(error)
+        if isinstance(error, OSError) and not isinstance(error, USER_ERRORS + tuple(user_errors)):
+            message = runlog.unwritable_message(error, args.run_dir)
+            if message is None:
+                raise  # not a folder that cannot be written: a bug, keep the traceback
+            message += "; free space or choose another --run-dir"
         failed = True
         prefix = f"[rank {dist.get_rank()}] " if dist.get_world_size() > 1 else ""
-        print(f"{prefix}{prog}: error: {error}", file=sys.stderr, flush=True)
+        print(f"{prefix}{prog}: error: {message}", file=sys.stderr, flush=True)
         return 1
     finally:
         dist.cleanup(barrier=False if failed else None)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import logging
 import os
 import shlex
@@ -49,10 +48,6 @@ from parlm.config import PROJECT_ROOT, Config, ConfigError, checkout_kernel_name
 from parlm.train.checks import restart_training
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-# OSError numbers of a folder that cannot be written: read-only, no permission, full, over quota.
-UNWRITABLE = {errno.EACCES: "is not writable", errno.EPERM: "is not writable",
-              errno.EROFS: "is on a read-only file system", errno.ENOSPC: "has no space left",
-              errno.EDQUOT: "is over its disk quota"}
 # (notebook stem, the pipeline stage whose files it produces; None for a notebook that only
 # inspects, such as the model tour).
 SEED_NOTEBOOKS = (
@@ -223,7 +218,7 @@ def execute_notebook(source: Path, output: Path, parameters: dict, plan: RunPlan
                              f"{exc.evalue}", failed) from None
     except BaseException as exc:  # kernel death, Ctrl-C, a full disk: keep what ran, never as complete
         _save_failed(running, failed, source, f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, OSError) and exc.errno in UNWRITABLE):
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, OSError) and exc.errno in runlog.UNWRITABLE):
             raise
         raise NotebookFailed(f"{source.name} did not finish: {type(exc).__name__}: {exc}",
                              failed) from exc
@@ -270,13 +265,17 @@ def stage_summary_line(stage: str | None, run_dir: Path) -> str:
     if path is None or not path.exists():
         return ""
     result = runlog.read_json(path)
-    fields = {"train": ("steps", "train_seconds", "prequant_bpb"),
-              "quant": ("bytes_model", "bytes_code", "bytes_total", "fits_cap"),
-              "eval": ("quantized_bpb", "sliding_bpb", "ttt_bpb"),
-              "ppm": ("mix_bpb", "gate_skip")}[stage]
-    def shown(value):
-        return f"{value:.5f}" if isinstance(value, float) else str(value)
-    return " ".join(f"{key}={shown(result[key])}" for key in fields if key in result)
+    # (key in the result file, how the terminal shows it); the byte mixture is labelled as what
+    # the organizers ruled it (not a valid BPB), its gate's skip share in percent.
+    fields = {"train": (("steps", "steps={}"), ("train_seconds", "train_seconds={:.1f}"),
+                        ("prequant_bpb", "prequant_bpb={:.5f}")),
+              "quant": (("bytes_model", "bytes_model={:,}"), ("bytes_code", "bytes_code={:,}"),
+                        ("bytes_total", "bytes_total={:,}"), ("fits_cap", "fits_cap={}")),
+              "eval": (("quantized_bpb", "quantized_bpb={:.5f}"), ("sliding_bpb", "sliding_bpb={:.5f}"),
+                       ("ttt_bpb", "ttt_bpb={:.5f}")),
+              "ppm": (("mix_bpb", "mix_bpb_legacy={:.5f} (byte mixture, not a valid BPB)"),
+                      ("gate_skip", "gate_skip={:.2%}"))}[stage]
+    return " ".join(template.format(result[key]) for key, template in fields if result.get(key) is not None)
 
 
 def run_seed(plan: RunPlan, seed: int) -> dict:
@@ -432,12 +431,10 @@ def resume_command(argv: Sequence[str], run_id: str) -> str:
 
 def unwritable_folder(error: OSError, runs_dir: Path) -> str | None:
     """The one-line message for an error of a runs folder that cannot be written (read-only,
-    no permission, full disk), else None."""
-    if error.errno not in UNWRITABLE:
-        return None
-    where = error.filename or runs_dir
-    return (f"error: {where} {UNWRITABLE[error.errno]} ({error.strerror}); free space or choose "
-            f"another folder with --runs-dir (runs folder: {runs_dir})")
+    no permission, full disk), else None (runlog.unwritable_message)."""
+    message = runlog.unwritable_message(error, runs_dir)
+    return None if message is None else (f"error: {message}; free space or choose another folder with "
+                                         f"--runs-dir (runs folder: {runs_dir})")
 
 
 def run_cli(plan: RunPlan, argv: Sequence[str]) -> int:

@@ -9,6 +9,7 @@ half-written ever looks complete; `stage_done` markers drive resume.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -43,6 +44,20 @@ def atomic_path(path: str | os.PathLike):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# OSError numbers of a folder that cannot be written: read-only, no permission, full, over quota.
+UNWRITABLE = {errno.EACCES: "is not writable", errno.EPERM: "is not writable",
+              errno.EROFS: "is on a read-only file system", errno.ENOSPC: "has no space left",
+              errno.EDQUOT: "is over its disk quota"}
+
+
+def unwritable_message(error: OSError, folder: str | os.PathLike) -> str | None:
+    """`<path> <why> (<strerror>)` for an OSError of a place that cannot be written (read-only,
+    no permission, full disk, quota), else None; the path is the error's file, else `folder`."""
+    if error.errno not in UNWRITABLE:
+        return None
+    return f"{error.filename or folder} {UNWRITABLE[error.errno]} ({error.strerror})"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

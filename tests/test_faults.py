@@ -886,6 +886,28 @@ def test_stage_cli_errors_are_one_line(tmp_path, capsys):
                    f"first with `python -m parlm.train --run-dir {tmp_path}`"]
 
 
+@pytest.mark.parametrize("number, why", [(errno.ENOSPC, "has no space left"),
+                                         (errno.EROFS, "is on a read-only file system")])
+def test_stage_cli_on_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, number, why):
+    from parlm.cli import stage_command
+
+    target = tmp_path / "quant.json"
+
+    def stage(config, run_dir):
+        raise OSError(number, os.strerror(number), str(target))
+
+    assert stage_command("python -m parlm.x", "d", stage, ["--run-dir", str(tmp_path), "--preset", "demo"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m parlm.x: error: {target} {why} ({os.strerror(number)}); free space or "
+                   f"choose another --run-dir"]
+
+    def broken(config, run_dir):  # any other OSError is a bug: its traceback stays
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output"):
+        stage_command("python -m parlm.x", "d", broken, ["--run-dir", str(tmp_path), "--preset", "demo"])
+
+
 def test_quiet_terminal_prints_one_line_per_notebook(tmp_path, capsys):
     plan = stand_in_plan(tmp_path, {"01_quick": QUICK + '\nprint("cell output stays in the notebook")'})
     seed_dir = plan.seed_dir(1)

@@ -261,3 +261,12 @@ def test_restart_stage_train_clears_training_and_later_notebooks(tmp_path, tiny_
     kept = [stem for stem, _ in plan.seed_notebooks if runlog.stage_done(run_dir, run.notebook_marker(stem))]
     assert kept == ["01_data", "02_model"]
     assert pipeline.load_run_config(run_dir).matrix_lr == 0.01
+
+
+def test_stage_summary_lines_label_the_byte_mixture_as_not_a_valid_bpb(tmp_path):
+    (tmp_path / "ppm.json").write_text(json.dumps({"mix_bpb": 2.358421, "gate_skip": 0.0049}))
+    (tmp_path / "eval.json").write_text(json.dumps({"quantized_bpb": 2.1, "sliding_bpb": None, "ttt_bpb": 2.0}))
+    assert run.stage_summary_line("ppm", tmp_path) == \
+        "mix_bpb_legacy=2.35842 (byte mixture, not a valid BPB) gate_skip=0.49%"
+    assert run.stage_summary_line("eval", tmp_path) == "quantized_bpb=2.10000 ttt_bpb=2.00000"
+    assert run.stage_summary_line(None, tmp_path) == ""
