@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from parlm import runlog
 
@@ -68,7 +69,8 @@ def plot_chunk_bpb(chunks: list[dict]) -> Figure:
     if after:
         ax.plot(*zip(*after), marker="x", linestyle=":", color="tab:red",
                 label="diagnostic: re-scored after its update (not scored)")
-    ax.set_xlabel("TTT chunk")
+    ax.set_xlabel("TTT chunk (index along the validation stream)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # chunks are whole: no 0.5 ticks
     ax.set_ylabel("BPB of the chunk (bits/byte)")
     ax.set_title("Per-chunk BPB before and after adaptation")
     ax.legend(fontsize=8)
@@ -113,7 +115,7 @@ def plot_stage_times(evaluation: dict) -> Figure:
     ax.bar(names, compiling, bottom=scoring, color="tab:gray", alpha=0.6, label="compile (warm-up)")
     for i, (s, c) in enumerate(zip(scoring, compiling)):
         ax.annotate(f"{s:.1f}s" + (f" + {c:.1f}s" if c >= 0.05 else ""), (i, s + c), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("seconds")
+    ax.set_ylabel("time (seconds)")
     world = evaluation.get("world_size", 1)
     ax.set_title(f"Evaluation time per stage ({world} × {evaluation.get('device', '?')})")
     ax.legend(fontsize=8)

@@ -5,12 +5,14 @@ into `<run_dir>/plots/`.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
 from parlm import runlog
 from parlm.quant.artifact import read_artifact
@@ -45,7 +47,7 @@ def plot_tensor_errors(quant: dict) -> Figure:
                                   label="Hessian-weighted (GPTQ)"))
     ax.set_yscale("log")
     ax.set_xticks(positions, [n.replace(".weight", "") for n, _ in entries], rotation=90, fontsize=6)
-    ax.set_ylabel("relative error")
+    ax.set_ylabel("relative error (fraction, log scale)")
     ax.set_title("Quantization error per tensor")
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
@@ -63,8 +65,8 @@ def plot_scale_distributions(artifact_path: str | os.PathLike) -> Figure:
     for group, arrays in groups.items():
         values = np.log10(np.concatenate(arrays))
         ax.hist(values, bins=60, alpha=0.6, color=GROUP_COLORS[group], label=f"{group} ({values.size} rows)")
-    ax.set_xlabel("log10 scale (= k·std(row)/R)")
-    ax.set_ylabel("rows")
+    ax.set_xlabel("log10 of the row scale s = k·std(row)/R (weight units per integer step)")
+    ax.set_ylabel("rows (count)")
     ax.set_title("SDClip row scales")
     if groups:
         ax.legend(fontsize=8)
@@ -82,24 +84,49 @@ def plot_size_breakdown(quant: dict) -> Figure:
     for bar, name in zip(bars, names):
         ax.annotate(f"{100 * sizes[name] / total:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("kB (compressed)")
+    ax.set_ylabel("compressed size (kB = 10³ bytes)")
     ax.set_title(f"Artifact bytes by group (total {total:,})")
     return fig
 
 
+def byte_size(value: float) -> str:
+    """A byte count in decimal units (1 kB = 10^3 bytes, 1 MB = 10^6 bytes, as the cap is
+    counted), e.g. 16000000 -> "16 MB", 49288 -> "49.3 kB"."""
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.3g} B"
+
+
 def plot_cap(quant: dict) -> Figure:
-    """bytes_total = model + code as a stacked bar against the cap."""
-    fig = Figure(figsize=(6.5, 2.2), layout="constrained")
+    """bytes_model, bytes_code and bytes_total = model + code (stacked) as bars on a log byte
+    axis against the cap (dashed line), so a ~0.2 MB demo artifact and a ~16 MB contest one are
+    both visible; each row's exact count and its share of the cap are in the row's label, the
+    verdict and the headroom cap - bytes_total (or the overshoot) in the title."""
+    model, code, total, cap = quant["bytes_model"], quant["bytes_code"], quant["bytes_total"], quant["cap"]
+    fig = Figure(figsize=(7.0, 2.6), layout="constrained")
     ax = fig.add_subplot()
-    ax.barh([0], [quant["bytes_model"]], color="tab:blue", label=f"model {quant['bytes_model']:,}")
-    ax.barh([0], [quant["bytes_code"]], left=[quant["bytes_model"]], color="black",
-            label=f"code {quant['bytes_code']:,}")
-    ax.axvline(quant["cap"], color="red", linestyle="--", label=f"cap {quant['cap']:,}")
-    ax.set_yticks([])
-    ax.set_xlabel("bytes")
-    verdict = "fits" if quant["fits_cap"] else f"OVER by {quant['overshoot']:,}"
-    ax.set_title(f"bytes_total {quant['bytes_total']:,}: {verdict}")
-    ax.legend(fontsize=8, loc="lower right")
+    # Log bars need a positive base: a full decade below the smallest count's own decade, so the
+    # shortest bar is at least one decade long (10,500 bytes on a 10 kB base would be a sliver).
+    base = 10.0 ** (math.floor(math.log10(max(1, min(model, code)))) - 1)
+    rows = {"model (compressed)": model, "code (train_gpt.py)": code, "bytes_total": total}
+    ax.barh([2, 1], [model - base, code - base], left=base, color=["tab:blue", "black"], height=0.6)
+    ax.barh([0], [model - base], left=base, color="tab:blue", height=0.6)
+    ax.barh([0], [code], left=model, color="black", height=0.6)
+    ax.set_yticks([2, 1, 0], [f"{name}\n{value:,} bytes ({100 * value / cap:.2f}% of cap)"
+                              for name, value in rows.items()], fontsize=8)
+    ax.axvline(cap, color="red", linestyle="--")
+    # The label sits in the code row, which is always far short of the cap, so no bar covers it.
+    ax.annotate(f"cap\n{cap:,}\nbytes", (cap, 0.5), xycoords=("data", "axes fraction"), xytext=(4, 0),
+                textcoords="offset points", ha="left", va="center", fontsize=8, color="red")
+    ax.set_xscale("log")
+    ax.set_xlim(base, 8 * max(cap, total))  # room right of the cap line for its label
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: byte_size(value)))
+    ax.set_xlabel("bytes (log scale; 1 MB = 10⁶ bytes)")
+    if quant["fits_cap"]:
+        ax.set_title(f"Fits the {byte_size(cap)} cap: {cap - total:,} bytes to spare", fontsize=10)
+    else:
+        ax.set_title(f"OVER the {byte_size(cap)} cap by {quant['overshoot']:,} bytes", fontsize=10, color="red")
     return fig
 
 
@@ -113,8 +140,8 @@ def plot_bpb(before: float, after: float) -> Figure:
                     ha="center", va="bottom", fontsize=9)
     low = min(before, after)
     ax.set_ylim(low - 0.05 * low, max(before, after) + 0.02 * low)
-    ax.set_ylabel("val BPB")
-    ax.set_title(f"Quantization cost: {after - before:+.4f} BPB")
+    ax.set_ylabel("validation BPB (bits/byte; lower is better)")
+    ax.set_title(f"Quantization cost: {after - before:+.4f} bits/byte")
     return fig
 
 
