@@ -169,3 +169,80 @@ def test_two_process_training_stops_on_a_leaked_dataset(tmp_path, monkeypatch, c
     output = capsys.readouterr().out
     for rank in (0, 1):
         assert f"[rank {rank}] python -m parlm.train: error: leak guard: 1 of the 5 validation documents" in output
+
+
+def _planted_streams(seed):
+    """Random val and train token streams (ids 0 and 2..39, BOS = 1) where train holds exact
+    copies of some validation documents (longer and shorter than the prefilter key's
+    PREFIX_TOKENS, one of them cut into three shards, one cut inside its first tokens) and
+    near-copies that must not count: the last token changed, one token more, one token less.
+    Returns (val documents, train stream, train shard cut positions) without BOS in the
+    documents."""
+    rng = np.random.default_rng(seed)
+    key = leak.PREFIX_TOKENS
+    draw = lambda n: [int(t) for t in rng.choice([0, *range(2, 40)], size=n)]
+    val = [draw(n) for n in [0, 3, key - 2, key - 1, key, key + 1, 40, 90, *rng.integers(0, 60, size=20)]]
+    val.append(list(val[7]))  # a repeated validation document counts each time
+    copies = [val[i] for i in (0, 1, 2, 3, 5, 6, 7)]
+    near = []
+    for doc in (val[1], val[4], val[6], val[8]):
+        if doc:
+            near += [doc[:-1] + [3 if doc[-1] == 2 else 2], doc[:-1]]
+        near.append(doc + draw(1))
+    train = [draw(int(n)) for n in rng.integers(0, 80, size=40)] + copies + near
+    order = rng.permutation(len(train))
+    train = [train[i] for i in order]
+    stream, begins = draw(5), {}  # tokens before the first BOS belong to no document
+    for position, doc in zip(order, train):
+        begins[position] = len(stream)
+        stream += [1] + doc
+    long_copy, short_copy = begins[40 + 6], begins[40 + 2]  # copies of val[7] (90) and val[2]
+    cuts = {long_copy + 3, long_copy + 30, short_copy + 5, *rng.integers(0, len(stream), size=4)}
+    return val, stream, sorted(cuts) + [max(cuts)]  # the repeated cut makes an empty shard
+
+
+def _write_streams(directory, val, stream, cuts):
+    flat = [t for doc in val for t in [1] + doc]
+    val_paths = [directory / "fineweb_val_000000.bin", directory / "fineweb_val_000001.bin"]
+    write_shard(val_paths[0], flat[:len(flat) // 2])
+    write_shard(val_paths[1], flat[len(flat) // 2:])
+    train_paths = []
+    for index, (start, end) in enumerate(zip([0, *cuts], [*cuts, len(stream)])):
+        train_paths.append(directory / f"fineweb_train_{index:06d}.bin")
+        write_shard(train_paths[-1], np.array(stream[start:end], dtype=np.uint16))
+    return val_paths, train_paths
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_token_leak_count_matches_a_set_of_token_tuples(tmp_path, seed):
+    """The prefiltered check counts what the slow obvious check counts: validation documents
+    (as tuples, BOS-delimited) that are in the set of train documents."""
+    val, stream, cuts = _planted_streams(seed)
+    val_paths, train_paths = _write_streams(tmp_path, val, stream, cuts)
+    train_set = set(_hand_hashes(stream))
+    expected = sum(tuple(doc) in train_set for doc in val)
+    assert expected >= 8  # the planted copies (val[7] twice); chance matches may add more
+    assert leak.token_leak_count(val_paths, train_paths) == (len(val), expected)
+    with pytest.raises(LeakError, match=f"{expected} of the {len(val)} validation documents"):
+        leak.check_dataset(tmp_path, None)
+
+
+def test_token_check_hashes_only_candidates_in_full(tmp_path, monkeypatch):
+    """Train documents are hashed in full only when their length and first PREFIX_TOKENS tokens
+    equal a validation document's (counted here on tuples); all validation tokens are."""
+    val, stream, cuts = _planted_streams(0)
+    val_paths, train_paths = _write_streams(tmp_path, val, stream, cuts)
+    key = leak.PREFIX_TOKENS
+    prefix = lambda doc: (len(doc), tuple([1, *doc][:key]))
+    val_keys = {prefix(doc) for doc in val}
+    candidate_tokens = sum(len(doc) + 1 for doc in _hand_hashes(stream) if prefix(doc) in val_keys)
+    hashed, original = [], leak._sequence_hashes
+
+    def counting(tokens, starts):
+        hashed.append(len(tokens))
+        return original(tokens, starts)
+
+    monkeypatch.setattr(leak, "_sequence_hashes", counting)
+    assert leak.token_leak_count(val_paths, train_paths)[1] >= 8
+    assert sum(hashed) == sum(len(doc) + 1 for doc in val) + candidate_tokens
+    assert candidate_tokens < len(stream) // 2
