@@ -78,3 +78,16 @@ def tiny_dataset_config(tmp_path_factory) -> Config:
                   shard_tokens=20_000, workers=1, progress=False)
     return Config().replace(**TINY_MODEL, data_dir=str(root), dataset_name=TINY_DATASET_NAME,
                             tokenizer_path=str(root / "tokenizers" / "tiny_stdlib_1024_bpe.model"))
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread, and 2-core machines are often shared (and run
+    parallel test workers). Modules of tiny-model tests use it for every test:
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ TRAIN_DOCS = [f"Train Document {i}: The Quick Brown FOX jumps over the lazy dog 
               f"SAID the Narrator of Story {i % 5}." for i in range(60)]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def stream_length(sp, documents) -> int:

@@ -76,7 +76,9 @@ from parlm.train.checks import clear_training, restart_training
 from parlm.train.loop import train_run
 
 from test_run import fake_finished_stages
-from test_train import one_thread, pattern_config  # noqa: F401 - the shared fixtures (one_thread is autouse)
+from test_train import pattern_config  # noqa: F401 - the shared fixture
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -947,7 +949,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import torch
 from parlm.train import loop
-torch.set_num_threads(1)  # as the one_thread fixture: the uninterrupted run's arithmetic
+torch.set_num_threads(1)  # as the single_thread fixture: the uninterrupted run's arithmetic
 real_step = loop.Trainer.step
 def killed_in_step_5(self, step, lr_scale):
     if step == 4:

@@ -20,13 +20,7 @@ from parlm.train.state import (ExponentialMovingAverage, StepTimer, TrainingDive
                                TrainingSnapshot, steady_state_rate)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread, and 2-core machines are often shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def synthetic_config(base: Config, root, stream: np.ndarray, val: np.ndarray, name: str, **overrides) -> Config:

@@ -32,8 +32,24 @@ def sample_std(values: Sequence[float]) -> float:
     return math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1))
 
 
+class IntervalResult:
+    """What every interval result (a dataclass with fields `low` and `high`) offers: its fields
+    as a dict, and whether [low, high] lies entirely on one side of 0 (the effect is beyond
+    noise at this confidence)."""
+
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+
 @dataclass
-class WelchResult:
+class WelchResult(IntervalResult):
     """Welch's unequal-variance comparison of mean(a) - mean(b).
 
     se = sqrt(var_a/n_a + var_b/n_b), var = sample variance (ddof=1); t = difference / se;
@@ -57,15 +73,6 @@ class WelchResult:
     p_two_sided: float
     p_less: float
     p_greater: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def excludes_zero(self) -> bool:
-        """True when the interval lies entirely on one side of 0 (the difference is beyond noise
-        at this confidence)."""
-        return self.low > 0.0 or self.high < 0.0
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> WelchResult:
@@ -119,7 +126,7 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
 
 
 @dataclass
-class MeanInterval:
+class MeanInterval(IntervalResult):
     """Student t interval of a mean (one sample, or the differences of paired samples).
 
     se = s / sqrt(n), s = sample standard deviation (ddof=1); t = mean / se (against 0);
@@ -135,14 +142,6 @@ class MeanInterval:
     t: float
     df: float
     p_two_sided: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def excludes_zero(self) -> bool:
-        """True when the interval lies entirely on one side of 0."""
-        return self.low > 0.0 or self.high < 0.0
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> MeanInterval:
