@@ -303,7 +303,7 @@ def run_seed(plan: RunPlan, seed: int) -> dict:
     for stage in pipeline.STAGES:  # notebooks made every stage but the summary
         if not runlog.stage_done(run_dir, stage):
             pipeline.run_stage(stage, config, run_dir, nproc=plan.nproc)
-    return runlog.read_json(run_dir / "summary.json")
+    return runlog.read_json(run_dir / "summary.json")  # the results (timings.json: the clock)
 
 
 def run_report(plan: RunPlan) -> Path:

@@ -57,6 +57,11 @@ def test_summarize_seed_maps_every_contract_key(tmp_path):
     assert summary["eval_seconds_total"] == pytest.approx(1.5 + 2.0 + 3.25 + 7.0 + 0.75)
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["ttt_bpb"] == 1.5 and on_disk["bytes_total"] == 1_020_000
+    # The clock's measurements go to timings.json, so a step-count run's summary.json repeats.
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert not [k for k in on_disk if k.endswith("_seconds")]
+    assert timings["train_seconds"] == pytest.approx(summary["train_seconds"]) and timings["seed"] == 314
+    assert {**on_disk, **timings} == summary
 
 
 @pytest.mark.parametrize("missing,stage", [("train.json", "train"), ("quant.json", "quant"),
@@ -193,11 +198,13 @@ def test_summary_carries_the_stall_record_and_the_eval_projection(tmp_path):
         "eval.json": projection(612.5, clock=41.25)})
     report.summarize_seed(run_dir)
     on_disk = json.loads((run_dir / "summary.json").read_text())
+    timings = json.loads((run_dir / "timings.json").read_text())
     assert on_disk["stalled"] is True and on_disk["stalled_steps"] == [4, 12]
-    assert on_disk["eval_clock_seconds"] == 41.25 and on_disk["eval_projection_seconds"] == 612.5
+    assert timings["eval_clock_seconds"] == 41.25 and timings["eval_projection_seconds"] == 612.5
     assert on_disk["eval_projection_target"] == "8xH100"
-    assert on_disk["eval_projection_budget_seconds"] == 600.0
-    assert on_disk["eval_projection_over_budget"] is True
+    assert timings["eval_projection_budget_seconds"] == 600.0
+    assert timings["eval_projection_over_budget"] is True
+    assert report.read_seed_summary(run_dir) == report.summarize_seed(run_dir, write=False)
     # Stage files from before these fields: the summary holds None, and nothing is flagged.
     old = write_seed(tmp_path, 8, 1.5, 1_000_000)
     summary = report.summarize_seed(old)

@@ -93,8 +93,37 @@ def summary_stage(config, run_dir) -> None:
     summarize_seed(run_dir)
 
 
+TIMINGS_FILE = "timings.json"
+
+
+def is_timing(key: str) -> bool:
+    """Whether a summary key is a measurement of this machine and moment (wall seconds, peak
+    memory, the over-budget verdict of the projected eval time) rather than a result the seed
+    and the code determine."""
+    return key.endswith("_seconds") or key in ("peak_memory_mib", "eval_projection_over_budget")
+
+
+def split_timings(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results, timings) of a summary by `is_timing`, each in the summary's key order."""
+    results = {k: v for k, v in summary.items() if not is_timing(k)}
+    return results, {"seed": summary.get("seed"), **{k: v for k, v in summary.items() if is_timing(k)}}
+
+
+def read_seed_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A seed's `summary.json` with its `timings.json` merged in (absent: results only)."""
+    run_dir = Path(run_dir)
+    summary = runlog.read_json(run_dir / "summary.json")
+    if (run_dir / TIMINGS_FILE).exists():
+        summary.update({k: v for k, v in runlog.read_json(run_dir / TIMINGS_FILE).items() if k != "seed"})
+    return summary
+
+
 def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
-    """Assemble `summary.json` of one seed from its stage result files.
+    """Assemble the summary of one seed from its stage result files, written as two files:
+    `summary.json`, the results (a pure function of the seed, the code and the machine's
+    arithmetic, so a step-count run such as the demo writes the same file every time), and
+    `timings.json`, what the clock and the memory counters measured (`is_timing`). Returns both
+    merged, as `read_seed_summary` reads them back.
 
     Keys: seed, steps, train_seconds, prequant_bpb, quantized_bpb, sliding_bpb, ttt_bpb,
     mix_bpb_legacy (ppm.json mix_bpb: NOT a valid BPB, SPEC 6.6), bytes_model, bytes_code,
@@ -123,7 +152,9 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     seconds = [summary.get(k) for k in EVAL_SECONDS_KEYS]
     summary["eval_seconds_total"] = math.fsum(s for s in seconds if isinstance(s, (int, float)))
     if write:
-        runlog.write_json(run_dir / "summary.json", summary)
+        results, timings = split_timings(summary)
+        runlog.write_json(run_dir / TIMINGS_FILE, timings)
+        runlog.write_json(run_dir / "summary.json", results)
     return summary
 
 
@@ -131,14 +162,15 @@ def summarize_seed(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
 # Several seeds
 
 def load_run_summaries(run_root: str | Path) -> list[dict[str, Any]]:
-    """One summary per finished seed of a run (summary.json, else assembled from stage files).
+    """One summary per finished seed of a run (summary.json with timings.json, else assembled
+    from stage files).
 
     Raises FileNotFoundError when the folder holds no seed with all stage results."""
     summaries, problems = [], []
     for directory in seed_dirs(run_root):
         path = directory / "summary.json"
         try:
-            summaries.append(runlog.read_json(path) if path.exists()
+            summaries.append(read_seed_summary(directory) if path.exists()
                              else summarize_seed(directory, write=False))
         except (MissingStageError, ArtifactError) as exc:
             problems.append(str(exc))
