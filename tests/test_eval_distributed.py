@@ -18,8 +18,10 @@ from parlm.eval.scoring import eval_val, eval_val_sliding
 from parlm.eval.token_mixture import TokenNgramMixture
 from parlm.eval.ttt import eval_val_ttt
 
-from test_eval import (single_thread, synthetic_byte_tables, tiny_eval_config, tiny_model,  # noqa: F401
+from test_eval import (synthetic_byte_tables, tiny_eval_config, tiny_model,  # noqa: F401
                        token_stream)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOTAL = 448
 

@@ -18,7 +18,9 @@ from parlm.eval.lora_ttt import (adapted_projections, chunk_edges, eval_val_lora
                                  parse_short_chunks, phase_groups)
 from parlm.eval.ngram_tilt import NgramTilt, ngram_hints, tilted_log_probs, tilted_nll
 
-from test_eval import CPU, single_thread, synthetic_byte_tables, tiny_eval_config, tiny_model  # noqa: F401
+from test_eval import CPU, synthetic_byte_tables, tiny_eval_config, tiny_model  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 BOS = 1
 
