@@ -100,7 +100,7 @@ def is_timing(key: str) -> bool:
     """Whether a summary key is a measurement of this machine and moment (wall seconds, peak
     memory, the over-budget verdict of the projected eval time) rather than a result the seed
     and the code determine."""
-    return key.endswith("_seconds") or key in ("peak_memory_mib", "eval_projection_over_budget")
+    return "seconds" in key.split("_") or key in ("peak_memory_mib", "eval_projection_over_budget")
 
 
 def split_timings(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
