@@ -901,7 +901,7 @@ def test_stage_cli_on_a_folder_that_cannot_be_written_is_one_line(tmp_path, caps
     assert stage_command("python -m parlm.x", "d", stage, ["--run-dir", str(tmp_path), "--preset", "demo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"python -m parlm.x: error: {target} {why} ({os.strerror(number)}); free space or "
-                   f"choose another --run-dir"]
+                   f"choose another folder"]
 
     def broken(config, run_dir):  # any other OSError is a bug: its traceback stays
         raise OSError(errno.EIO, "Input/output error")

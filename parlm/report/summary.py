@@ -13,13 +13,12 @@ Entry point: `python -m parlm.report --run-root runs/<id> [--baseline runs/<othe
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from parlm import runlog
+from parlm.cli import stage_command
 from parlm.runlog import seed_dirs
 from parlm.config import ARTIFACT_CAP_BYTES
 from parlm.quant.artifact import ArtifactError, artifact_fault, rebuild_fix, verify_artifact
@@ -428,11 +427,23 @@ def format_report(report: dict[str, Any], table: bool = True) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m parlm.report",
-        description="Multi-seed report of a parlm run: per-seed table, mean/std, Welch t-test of "
-                    "TTT BPB against a baseline, worst-case bytes_total, plots, submission folder.")
-    parser.add_argument("--run-root", required=True, help="run folder runs/<run_id> with seed_<n>/")
+    """`python -m parlm.report --run-root DIR [--baseline RUN|pr1858|none] [--out DIR]
+    [--no-plots] [--no-submission] [--summarize]` (parlm.cli.stage_command): print the report
+    (`format_report`) and where it went; a missing seed or a bad input ends in `error: <message>`
+    and exit code 2."""
+    return stage_command(
+        "python -m parlm.report",
+        "Multi-seed report of a parlm run: per-seed table, mean/std, Welch t-test of "
+        "TTT BPB against a baseline, worst-case bytes_total, plots, submission folder.",
+        report_command, argv, run_dir_help="run folder runs/<run_id> with seed_<n>/",
+        user_errors=(ValueError, ArtifactError), run_dir_flag="--run-root",
+        add_arguments=add_report_arguments, config_flags=False, error_format="error: {error}",
+        error_code=2)
+
+
+def add_report_arguments(parser) -> None:
+    """The report's own flags besides --run-root: --baseline, --out, --no-plots,
+    --no-submission, --summarize."""
     parser.add_argument("--baseline", default="pr1858",
                         help="another run folder, or 'pr1858' (published PR #1858 seeds), or "
                              "'none' (default: pr1858)")
@@ -441,18 +452,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-submission", action="store_true", help="skip the submission export")
     parser.add_argument("--summarize", action="store_true",
                         help="(re)write each seed's summary.json from its stage files first")
-    args = parser.parse_args(argv)
-    try:
-        if args.summarize:
-            for directory in seed_dirs(args.run_root):
-                summarize_seed(directory)
-        baseline = None if str(args.baseline).lower() == "none" else args.baseline
-        report = build_report(args.run_root, baseline, args.out, plots=not args.no_plots,
-                              submission=not args.no_submission)
-    except (FileNotFoundError, ValueError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    print(f"report written to {Path(args.out) if args.out else Path(args.run_root) / 'report'}")
-    return 0
 
+
+def report_command(config: None, run_root: str, args) -> None:
+    """What `main` runs: with --summarize first `summarize_seed` every seed of `run_root`, then
+    `build_report` against --baseline ('none': no baseline) and print it (`format_report`) and
+    its folder. The report reads only the run's files, so there is no config (None)."""
+    if args.summarize:
+        for directory in seed_dirs(run_root):
+            summarize_seed(directory)
+    baseline = None if str(args.baseline).lower() == "none" else args.baseline
+    report = build_report(run_root, baseline, args.out, plots=not args.no_plots,
+                          submission=not args.no_submission)
+    print(format_report(report))
+    print(f"report written to {Path(args.out) if args.out else Path(run_root) / 'report'}")
