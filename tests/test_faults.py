@@ -542,7 +542,7 @@ def write_notebook(path: Path, body: str, parameters: str = PARAMETERS) -> None:
 
 QUICK = 'from pathlib import Path\n(Path(run_dir) / "quick.txt").write_text("done")'
 SLOW = ('import time\nfrom pathlib import Path\n(Path(run_dir) / "slow_started").write_text("")\n'
-        'time.sleep(120)')
+        'time.sleep(600)')
 
 
 def stand_in_plan(tmp_path: Path, notebooks: dict[str, str]) -> run.RunPlan:
@@ -583,7 +583,12 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path):
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        out, err = process.communicate(timeout=300)  # the stand-in cell sleeps 600 s
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"parlm.run did not stop within 300 s of Ctrl-C; its output:\n{out[-3000:]}\n{err[-3000:]}")
     assert process.returncode == 130, err
     assert "Traceback" not in err + out and "Task exception was never retrieved" not in err + out
     last = err.strip().splitlines()[-1]

@@ -157,6 +157,7 @@ def test_loader_recut_draws_no_token_twice_in_a_pass(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
 def test_training_follows_the_schedule_and_warmup_restores_it(tiny_dataset_config, tmp_path):
     """train_run with "8@0.2,16@0.6,32@1.0" over 10 steps (frac = step / 10): rows of 8 tokens
     for steps 0-2, 16 for 3-6, 32 for 7-9; the LR re-warms over 2 steps after each change; the
@@ -164,7 +165,6 @@ def test_training_follows_the_schedule_and_warmup_restores_it(tiny_dataset_confi
     from parlm import runlog
     from parlm.train.loop import train_run
 
-    torch.set_num_threads(1)
     config = tiny_dataset_config.replace(iterations=10, val_loss_every=0, train_log_every=1,
                                          train_seq_schedule="8@0.2,16@0.6,32@1.0",
                                          seq_change_warmup_steps=2, warmup_steps=1, val_max_tokens=256)
