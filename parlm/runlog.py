@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,15 @@ def atomic_path(path: str | os.PathLike):
         tmp.unlink(missing_ok=True)
         raise
 
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 # OSError numbers of a folder that cannot be written: read-only, no permission, full, over quota.
 UNWRITABLE = {errno.EACCES: "is not writable", errno.EPERM: "is not writable",

@@ -18,7 +18,6 @@ so a folder named like a dataset is always complete.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import lzma
@@ -40,6 +39,7 @@ from parlm.data import caseops, leak
 from parlm.data.accounting import token_original_bytes
 from parlm.data.shards import ShardWriter, check_dataset_vocabulary, shard_files, sidecar_path
 from parlm.data.tokenizer import ByteTables, NoTrainingText, load_tokenizer, train_tokenizer
+from parlm.runlog import file_sha256
 
 DEFAULT_SHARD_TOKENS = 10_000_000
 STDLIB_CORPUS = "stdlib"  # the --docs value that selects the embedded corpus
@@ -135,13 +135,6 @@ def stdlib_corpus(path: str | os.PathLike) -> Path:
     order = np.random.default_rng(STDLIB_SHUFFLE_SEED).permutation(len(texts))
     return write_documents((texts[i] for i in order), path)
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------

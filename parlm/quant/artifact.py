@@ -28,7 +28,6 @@ ArtifactError naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parlm.runlog import CHECKPOINT_NAME  # noqa: F401 (the trained weights the artifact is made from)
+from parlm.runlog import CHECKPOINT_NAME, file_sha256  # noqa: F401 (CHECKPOINT_NAME: the trained weights the artifact is made from)
 
 ARTIFACT_NAME = "final_model.int6.ptz"
 OVER_CAP_NAME = "final_model.int6.OVER_CAP.ptz"  # an artifact over the cap: never mistaken for valid
@@ -281,14 +280,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ArtifactError(path, f"cannot be loaded ({detail})", retrain_fix(path.parent)) from None
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def artifact_fault(run_dir: str | os.PathLike) -> tuple[Path, str] | None:
