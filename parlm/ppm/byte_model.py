@@ -69,6 +69,27 @@ def legacy_logp(slots, context_slots, successor_slots, window_length):
     return escape_log_prob + UNIFORM_LOGP, confidence
 
 
+@numba.njit(cache=True, inline="always")
+def mix_log_weights(weight):
+    """(log λ, log(1-λ)) for `mix_logp`, 0.0 where a log is not needed (λ <= 0 or λ >= 1)."""
+    return (math.log(weight) if weight > 0.0 else 0.0,
+            math.log(1.0 - weight) if weight < 1.0 else 0.0)
+
+
+@numba.njit(cache=True, inline="always")
+def mix_logp(weight, log_weight, log_one_minus_weight, nn_log_p, ppm_log_p):
+    """log(λ e^ℓ + (1-λ) e^π) in the reference's arithmetic: π when λ <= 0, ℓ when λ >= 1, else
+    LSE(log λ + ℓ, log(1-λ) + π), LSE(a, c) = max(a, c) + log1p(exp(-|a - c|)); the two logs
+    come from `mix_log_weights(λ)` (the kernel computes them once, not per byte)."""
+    if weight <= 0.0:
+        return ppm_log_p
+    if weight >= 1.0:
+        return nn_log_p
+    a = log_weight + nn_log_p
+    c = log_one_minus_weight + ppm_log_p
+    return max(a, c) + math.log1p(math.exp(-abs(a - c)))
+
+
 @numba.njit(cache=True)
 def legacy_confidence(slots, context_slots, window_length):
     """max_count / (n + u) of the highest existing context (0 when none exists)."""

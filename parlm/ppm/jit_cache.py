@@ -2,7 +2,7 @@
 
 `numba.njit(cache=True)` keys a cached kernel on its own source file's timestamp only, so
 editing a helper that another module's kernel inlines (byte_model.legacy_logp inside
-legacy._legacy_kernel) would silently reuse stale machine code. `refresh_numba_cache` hashes
+reference_mixture._legacy_kernel) would silently reuse stale machine code. `refresh_numba_cache` hashes
 the sources of every module with cached kernels and drops this package's cached kernels when
 the hash changed; parlm.ppm calls it on import, before any kernel loads.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-KERNEL_MODULES = ("counts.py", "byte_model.py", "legacy.py", "audit.py", "ppmd.py")
+KERNEL_MODULES = ("counts.py", "byte_model.py", "reference_mixture.py", "audit.py", "ppmd.py")
 
 
 def refresh_numba_cache(package_dir: Path | None = None) -> bool:

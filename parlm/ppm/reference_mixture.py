@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 from parlm.ppm.byte_model import apply_update_unjournaled as apply_update
-from parlm.ppm.byte_model import insert_successors, legacy_logp, shift_window
+from parlm.ppm.byte_model import insert_successors, legacy_logp, mix_log_weights, mix_logp, shift_window
 from parlm.ppm.audit import AuditResult, PositionAuditor
 from parlm.ppm.bytestream import TokenByteLayout
 from parlm.ppm.counts import CAPACITY, DENSE_MAX_LENGTH, MAX_ORDER, USED, CountTable, context_rows, prefetch_successors
@@ -84,175 +84,155 @@ def token_byte(data, lo, j, include_space):
     return np.int64(data[lo + j - include_space])
 
 
+@numba.njit(cache=True, inline="always")
+def _tokens_before_growth(regions, room_per_token):
+    """How many tokens may be scored before a hashed region could run out of rows: each token
+    adds at most `room_per_token` rows per region, so min over regions of
+    (capacity - used) // room_per_token, less one; <= 0: grow the table first."""
+    headroom = np.int64(1) << 62
+    for length in range(DENSE_MAX_LENGTH + 1, regions.shape[0]):
+        headroom = min(headroom, regions[length, CAPACITY] - regions[length, USED])
+    return headroom // room_per_token - 1
+
+
+@numba.njit(cache=True, inline="always")
+def _mix_byte(nn_log_p, ppm_log_p, confidence, gate, log_weights):
+    """(λ, choice, log p_mix) of one byte (module docstring): λ = lambda_lo (LAMBDA_LO) when
+    confidence >= conf_threshold else lambda_hi (LAMBDA_HI); λ = 1 (LAMBDA_SKIP) when
+    anti_hijack_nats > 0 and -ℓ < anti_hijack_nats; then `byte_model.mix_logp` of ℓ and π.
+    gate = (lambda_lo, lambda_hi, conf_threshold, anti_hijack_nats); log_weights = (log λlo,
+    log(1-λlo), log λhi, log(1-λhi)), computed once per kernel call."""
+    lambda_lo, lambda_hi, conf_threshold, anti_hijack_nats = gate
+    if confidence >= conf_threshold:
+        lam, choice = lambda_lo, LAMBDA_LO
+        log_weight, log_one_minus = log_weights[0], log_weights[1]
+    else:
+        lam, choice = lambda_hi, LAMBDA_HI
+        log_weight, log_one_minus = log_weights[2], log_weights[3]
+    if anti_hijack_nats > 0.0 and -nn_log_p < anti_hijack_nats:
+        lam, choice = 1.0, LAMBDA_SKIP
+    return lam, choice, mix_logp(lam, log_weight, log_one_minus, nn_log_p, ppm_log_p)
+
+
+@numba.njit(cache=True, inline="always")
+def _count_byte(confidence_hist, position_stats, token_stats, confidence, j, t, choice):
+    """The exact aggregates of one byte: confidence_hist[min(⌊confidence · bins⌋, bins - 1)],
+    position_stats[min(j, last row), choice] and token_stats[t, choice], each += 1."""
+    n_bins = confidence_hist.shape[0]
+    bin_index = int(confidence * n_bins)
+    if bin_index >= n_bins:
+        bin_index = n_bins - 1
+    confidence_hist[bin_index] += 1
+    last_position = position_stats.shape[0] - 1
+    position_stats[j if j < last_position else last_position, choice] += 1
+    token_stats[t, choice] += 1
+
+
+@numba.njit(cache=True, inline="always")
+def _write_row(table, row, values):
+    """table[row, c] = values[c] for each c (a tuple of one type)."""
+    for c in range(len(values)):
+        table[row, c] = values[c]
+
+
+@numba.njit(cache=True, inline="always")
+def _window_scratch(order):
+    """Per-order scratch rows of one byte: its successor rows, which of them were inserted,
+    the next window's context rows (order + 1 each)."""
+    return (np.empty(order + 1, dtype=np.int64), np.empty(order + 1, dtype=np.bool_),
+            np.empty(order + 1, dtype=np.int64))
+
+
+@numba.njit(cache=True, inline="always")
+def _update_and_shift(slots, contexts, successors, next_contexts, packed, window_length, byte, order):
+    """After scoring `byte`: count it in every context 0..w (the legacy full update), shift it
+    into the window and make contexts[k] the row of the new last k bytes; (packed, length)."""
+    apply_update(slots, contexts, successors, window_length)
+    packed, window_length = shift_window(packed, window_length, byte, order, contexts, successors,
+                                         next_contexts)
+    for k in range(window_length + 1):
+        contexts[k] = next_contexts[k]
+    return packed, window_length
+
+
 @numba.njit(cache=True)
-def _legacy_kernel(target, prev, nll, offsets, data, has_space_table, boundary_table,
-                   order, lambda_hi, lambda_lo, conf_threshold, anti_hijack_nats,
-                   slots, regions, room_per_token, contexts, state, sums,
+def _legacy_kernel(stream, nll, gate, order, slots, regions, room_per_token, contexts, state, sums,
                    start, stop, confidence_hist, position_stats, token_stats,
                    curve, curve_every, trace_float, trace_int, trace_stride):
-    """Score tokens [start, stop); returns the index of the first token not processed (early
-    when the table needs to grow). All running state lives in the array arguments."""
-    successors = np.empty(order + 1, dtype=np.int64)
-    inserted = np.empty(order + 1, dtype=np.bool_)
-    next_contexts = np.empty(order + 1, dtype=np.int64)
-    packed = state[_WINDOW]
-    window_length = state[_WINDOW_LENGTH]
-    log_lambda_lo = math.log(lambda_lo) if lambda_lo > 0.0 else 0.0
-    log_one_minus_lo = math.log(1.0 - lambda_lo) if lambda_lo < 1.0 else 0.0
-    log_lambda_hi = math.log(lambda_hi) if lambda_hi > 0.0 else 0.0
-    log_one_minus_hi = math.log(1.0 - lambda_hi) if lambda_hi < 1.0 else 0.0
-    n_curve = curve.shape[0]
-    n_trace = trace_float.shape[0]
-    n_bins = confidence_hist.shape[0]
-    last_position = position_stats.shape[0] - 1
-    bytes_done = state[_BYTES]
-    skip_count = state[_SKIPS]
-    lo_count = state[_LO]
-    hi_count = state[_HI]
-    trace_count = state[_TRACE_COUNT]
-    curve_count = state[_CURVE_COUNT]
+    """Score tokens [start, stop) of `stream` = (target, prev, offsets, data, has_space,
+    is_boundary) under `gate` = (lambda_lo, lambda_hi, conf_threshold, anti_hijack_nats); return
+    the first token not scored (early when the table must grow). Running state lives in the
+    arrays (`state`, `sums` = mix, ppm, nn NLL in nats). Per byte: the legacy PPM log-prob and
+    confidence, `_mix_byte`, the sums and aggregates, trace and curve rows, the update."""
+    target, prev, offsets, data, has_space_table, boundary_table = stream
+    successors, inserted, next_contexts = _window_scratch(order)
+    log_weights = mix_log_weights(gate[0]) + mix_log_weights(gate[1])
+    packed, window_length, bytes_done = state[_WINDOW], state[_WINDOW_LENGTH], state[_BYTES]
+    choice_counts = np.array([state[_LO], state[_HI], state[_SKIPS]])
+    trace_count, curve_count = state[_TRACE_COUNT], state[_CURVE_COUNT]
     # next byte index to trace / to record on the curve (no integer division per byte)
     next_trace = -(-bytes_done // trace_stride) * trace_stride
     next_curve = (bytes_done // curve_every + 1) * curve_every
-    mix_nll = sums[0]
-    ppm_nll = sums[1]
-    nn_nll = sums[2]
-    # Look-ahead cursor: prefetches the hashed rows byte t + PREFETCH_DISTANCE will probe, so
-    # their cache misses overlap with the work on byte t. It changes speed only, never results.
-    # (Written out inline twice: a shared tuple-returning helper is slower in numba.)
-    ahead_i = start
-    ahead_j = 0
-    ahead_lo, ahead_n, ahead_space = 0, 0, 0
-    if start < stop:
-        ahead_lo, ahead_n, ahead_space = token_span(start, target, prev, offsets, has_space_table, boundary_table)
-    ahead_packed = packed
-    ahead_length = window_length
-    for step in range(PREFETCH_DISTANCE + 1):
-        while ahead_i < stop and ahead_j >= ahead_n:
-            ahead_i += 1
-            ahead_j = 0
-            if ahead_i < stop:
-                ahead_lo, ahead_n, ahead_space = token_span(ahead_i, target, prev, offsets, has_space_table, boundary_table)
-        if ahead_i >= stop or step == PREFETCH_DISTANCE:
-            break
-        ahead_byte = token_byte(data, ahead_lo, ahead_j, ahead_space)
-        prefetch_successors(slots, regions, ahead_packed, ahead_length, ahead_byte)
-        ahead_packed = (ahead_packed << 8) | ahead_byte
-        ahead_length = ahead_length + 1 if ahead_length < order else order
-        ahead_j += 1
+    mix_nll, ppm_nll, nn_nll = sums[0], sums[1], sums[2]
+    # A look-ahead cursor (token, byte, token_span, window) PREFETCH_DISTANCE bytes ahead
+    # prefetches the rows its byte will probe (speed only, never results); it starts before
+    # token `start` with nothing left to read, and the first byte moves it the whole way.
+    ahead_i, ahead_j, ahead_lo, ahead_n, ahead_space = start - 1, 0, 0, 0, 0
+    ahead_packed, ahead_length = packed, window_length
+    ahead_steps = PREFETCH_DISTANCE + 1
     tokens_until_check = 0
     i = start
     while i < stop:
-        if tokens_until_check == 0:  # each token adds at most room_per_token rows per region
-            headroom = np.int64(1) << 62
-            for length in range(DENSE_MAX_LENGTH + 1, regions.shape[0]):
-                headroom = min(headroom, regions[length, CAPACITY] - regions[length, USED])
-            tokens_until_check = headroom // room_per_token - 1
+        if tokens_until_check == 0:
+            tokens_until_check = _tokens_before_growth(regions, room_per_token)
             if tokens_until_check <= 0:
                 break
         tokens_until_check -= 1
-        t = target[i]
         lo, n_bytes, include_space = token_span(i, target, prev, offsets, has_space_table, boundary_table)
-        if n_bytes == 0:
-            i += 1
-            continue
-        nn_log_p = (-nll[i]) / n_bytes
+        nn_log_p = (-nll[i]) / n_bytes if n_bytes > 0 else 0.0  # a zero-byte token scores nothing
         for j in range(n_bytes):
             b = token_byte(data, lo, j, include_space)
-            if ahead_i < stop:
-                ahead_byte = token_byte(data, ahead_lo, ahead_j, ahead_space)
-                prefetch_successors(slots, regions, ahead_packed, ahead_length, ahead_byte)
-                ahead_packed = (ahead_packed << 8) | ahead_byte
-                ahead_length = ahead_length + 1 if ahead_length < order else order
-                ahead_j += 1
-                while ahead_i < stop and ahead_j >= ahead_n:
+            for _ in range(ahead_steps):
+                while ahead_i < stop and ahead_j >= ahead_n:  # past the tokens it has read
                     ahead_i += 1
                     ahead_j = 0
                     if ahead_i < stop:
-                        ahead_lo, ahead_n, ahead_space = token_span(ahead_i, target, prev, offsets, has_space_table, boundary_table)
+                        ahead_lo, ahead_n, ahead_space = token_span(ahead_i, target, prev, offsets,
+                                                                    has_space_table, boundary_table)
+                if ahead_i < stop:
+                    ahead_byte = token_byte(data, ahead_lo, ahead_j, ahead_space)
+                    prefetch_successors(slots, regions, ahead_packed, ahead_length, ahead_byte)
+                    ahead_packed = (ahead_packed << 8) | ahead_byte
+                    ahead_length = ahead_length + 1 if ahead_length < order else order
+                    ahead_j += 1
+            ahead_steps = 1
             insert_successors(slots, regions, packed, window_length, b, successors, inserted)
             ppm_log_p, confidence = legacy_logp(slots, contexts, successors, window_length)
-            if confidence >= conf_threshold:
-                lam = lambda_lo
-                choice = 0
-            else:
-                lam = lambda_hi
-                choice = 1
-            skipped = anti_hijack_nats > 0.0 and -nn_log_p < anti_hijack_nats
-            if skipped:
-                lam = 1.0
-                choice = 2
-            if lam <= 0.0:
-                log_mix = ppm_log_p
-            elif lam >= 1.0:
-                log_mix = nn_log_p
-            else:
-                if choice == 0:
-                    a = log_lambda_lo + nn_log_p
-                    c = log_one_minus_lo + ppm_log_p
-                else:
-                    a = log_lambda_hi + nn_log_p
-                    c = log_one_minus_hi + ppm_log_p
-                log_mix = max(a, c) + math.log1p(math.exp(-abs(a - c)))
+            lam, choice, log_mix = _mix_byte(nn_log_p, ppm_log_p, confidence, gate, log_weights)
             mix_nll -= log_mix
             ppm_nll -= ppm_log_p
             nn_nll -= nn_log_p
-            # aggregates
-            if choice == 0:
-                lo_count += 1
-            elif choice == 1:
-                hi_count += 1
-            else:
-                skip_count += 1
-            bin_index = int(confidence * n_bins)
-            if bin_index >= n_bins:
-                bin_index = n_bins - 1
-            confidence_hist[bin_index] += 1
-            position = j if j < last_position else last_position
-            position_stats[position, choice] += 1
-            token_stats[t, choice] += 1
+            choice_counts[choice] += 1
+            _count_byte(confidence_hist, position_stats, token_stats, confidence, j, target[i], choice)
             if bytes_done == next_trace:
                 next_trace += trace_stride
-                if trace_count < n_trace:
-                    trace_float[trace_count, 0] = confidence
-                    trace_float[trace_count, 1] = lam
-                    trace_float[trace_count, 2] = nn_log_p
-                    trace_float[trace_count, 3] = ppm_log_p
-                    trace_float[trace_count, 4] = log_mix
-                    trace_int[trace_count, 0] = bytes_done
-                    trace_int[trace_count, 1] = i
-                    trace_int[trace_count, 2] = t
-                    trace_int[trace_count, 3] = j
-                    trace_int[trace_count, 4] = b
-                    trace_int[trace_count, 5] = choice
+                if trace_count < trace_float.shape[0]:
+                    _write_row(trace_float, trace_count, (confidence, lam, nn_log_p, ppm_log_p, log_mix))
+                    _write_row(trace_int, trace_count, (bytes_done, i, target[i], j, b, choice))
                     trace_count += 1
             bytes_done += 1
             if bytes_done == next_curve:
                 next_curve += curve_every
-                if curve_count < n_curve:
-                    curve[curve_count, 0] = bytes_done
-                    curve[curve_count, 1] = mix_nll
-                    curve[curve_count, 2] = ppm_nll
-                    curve[curve_count, 3] = nn_nll
+                if curve_count < curve.shape[0]:
+                    _write_row(curve, curve_count, (float(bytes_done), mix_nll, ppm_nll, nn_nll))
                     curve_count += 1
-            # update, then shift the window
-            apply_update(slots, contexts, successors, window_length)
-            packed, window_length = shift_window(packed, window_length, b, order, contexts,
-                                                 successors, next_contexts)
-            for k in range(window_length + 1):
-                contexts[k] = next_contexts[k]
+            packed, window_length = _update_and_shift(slots, contexts, successors, next_contexts,
+                                                      packed, window_length, b, order)
         i += 1
-    state[_WINDOW] = packed
-    state[_WINDOW_LENGTH] = window_length
-    state[_BYTES] = bytes_done
-    state[_SKIPS] = skip_count
-    state[_LO] = lo_count
-    state[_HI] = hi_count
-    state[_TRACE_COUNT] = trace_count
-    state[_CURVE_COUNT] = curve_count
-    sums[0] = mix_nll
-    sums[1] = ppm_nll
-    sums[2] = nn_nll
+    state[_WINDOW], state[_WINDOW_LENGTH], state[_BYTES] = packed, window_length, bytes_done
+    state[_LO], state[_HI], state[_SKIPS] = choice_counts[0], choice_counts[1], choice_counts[2]
+    state[_TRACE_COUNT], state[_CURVE_COUNT] = trace_count, curve_count
+    sums[0], sums[1], sums[2] = mix_nll, ppm_nll, nn_nll
     return i
 
 
@@ -309,6 +289,123 @@ class LegacyResult:
         }
 
 
+def _scored_positions(target, prev, nll, order: int, subset_tokens: int):
+    """(target, prev, nll) as contiguous 1-D int64/int64/float64 arrays of one length, cut to
+    the first `subset_tokens` when > 0; ValueError for an unsupported order or mismatched
+    arrays."""
+    if not 0 <= order <= MAX_ORDER:
+        raise ValueError(f"order={order} is not supported: the byte-string table holds contexts "
+                         f"of at most {MAX_ORDER} bytes (order 0..{MAX_ORDER})")
+    target = np.ascontiguousarray(np.asarray(target, dtype=np.int64))
+    prev = np.ascontiguousarray(np.asarray(prev, dtype=np.int64))
+    nll = np.ascontiguousarray(np.asarray(nll, dtype=np.float64))
+    if not target.shape == prev.shape == nll.shape or target.ndim != 1:
+        raise ValueError(f"target {target.shape}, prev {prev.shape} and nll {nll.shape} must be "
+                         f"1-D arrays of one length")
+    if subset_tokens and subset_tokens > 0:
+        target, prev, nll = target[:subset_tokens], prev[:subset_tokens], nll[:subset_tokens]
+    return target, prev, nll
+
+
+@dataclass
+class _KernelBuffers:
+    """The arrays `_legacy_kernel` carries from one call to the next: the count table and the
+    window's context rows, `state` (_WINDOW.._CURVE_COUNT), `sums` (mix, ppm, nn NLL), the
+    aggregates, the curve (a row every `curve_every` bytes) and the trace (every
+    `trace_stride`-th byte)."""
+
+    table: CountTable
+    contexts: np.ndarray
+    state: np.ndarray
+    sums: np.ndarray
+    confidence_hist: np.ndarray
+    position_stats: np.ndarray
+    token_stats: np.ndarray
+    curve: np.ndarray
+    curve_every: int
+    trace_float: np.ndarray
+    trace_int: np.ndarray
+    trace_stride: int
+
+    @classmethod
+    def allocate(cls, order: int, total_bytes: int, vocab: int, trace_max: int,
+                 curve_points: int) -> "_KernelBuffers":
+        """Empty buffers for a stream of `total_bytes` bytes over ids < `vocab`: about
+        `curve_points` curve rows and at most `trace_max` trace rows (0: no trace)."""
+        table = CountTable(order, total_bytes)
+        contexts = np.zeros(order + 1, dtype=np.int64)
+        context_rows(table.slots, table.regions, 0, 0, contexts)
+        curve_every = max(1, -(-total_bytes // max(curve_points, 1)))
+        trace_stride = max(1, -(-total_bytes // max(trace_max, 1)))
+        n_trace = -(-total_bytes // trace_stride) if trace_max > 0 else 0
+        return cls(table=table, contexts=contexts, state=np.zeros(8, dtype=np.int64),
+                   sums=np.zeros(3, dtype=np.float64),
+                   confidence_hist=np.zeros(CONFIDENCE_BINS, dtype=np.int64),
+                   position_stats=np.zeros((MAX_TOKEN_POSITION, 3), dtype=np.int64),
+                   token_stats=np.zeros((vocab, 3), dtype=np.int64),
+                   curve=np.zeros((total_bytes // curve_every + 1, 4), dtype=np.float64),
+                   curve_every=curve_every,
+                   trace_float=np.zeros((n_trace, len(TRACE_FLOAT_FIELDS)), dtype=np.float64),
+                   trace_int=np.zeros((n_trace, len(TRACE_INT_FIELDS)), dtype=np.int64),
+                   trace_stride=trace_stride)
+
+    def window(self) -> tuple[int, int]:
+        """(packed, length) of the window after the bytes scored so far."""
+        return int(self.state[_WINDOW]), int(self.state[_WINDOW_LENGTH])
+
+    def make_room(self, rows: int) -> None:
+        """Grow the table for `rows` more rows per region; after a rehash (rows moved) find the
+        window's context rows again."""
+        if self.table.ensure_room(rows):
+            context_rows(self.table.slots, self.table.regions, *self.window(), self.contexts)
+
+    def score(self, stream, nll, gate, order: int, room_per_token: int, start: int, stop: int) -> int:
+        """`_legacy_kernel` over tokens [start, stop); the first token it did not score."""
+        return _legacy_kernel(stream, nll, gate, order, self.table.slots, self.table.regions,
+                              room_per_token, self.contexts, self.state, self.sums, start, stop,
+                              self.confidence_hist, self.position_stats, self.token_stats,
+                              self.curve, self.curve_every, self.trace_float, self.trace_int,
+                              self.trace_stride)
+
+    def trace(self) -> dict[str, np.ndarray]:
+        """The trace rows written, one array per field (float32 and TRACE_INT_DTYPES)."""
+        used = int(self.state[_TRACE_COUNT])
+        trace = {name: self.trace_float[:used, c].astype(np.float32)
+                 for c, name in enumerate(TRACE_FLOAT_FIELDS)}
+        trace.update({name: self.trace_int[:used, c].astype(TRACE_INT_DTYPES[name])
+                      for c, name in enumerate(TRACE_INT_FIELDS)})
+        return trace
+
+
+def _score_chunks(buffers: _KernelBuffers, layout: TokenByteLayout, target, prev, nll, gate,
+                  order: int, chunk_tokens: int, auditor, progress: bool) -> None:
+    """Score every position in chunks of at most `chunk_tokens` (growing the table between
+    them); with an `auditor`, stop at each of its positions and audit the live state first."""
+    stream = (target, prev, layout.offsets, layout.data, layout.has_leading_space, layout.is_boundary)
+    room_per_token = layout.max_token_bytes + 1  # new rows per region per token, at most
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(target), desc="ppm legacy", unit="tok", unit_scale=True)
+    position = 0
+    while position < len(target):
+        stop = min(len(target), position + chunk_tokens)
+        buffers.make_room(room_per_token * 64)
+        if auditor is not None and auditor.done < len(auditor.positions):
+            next_audit = int(auditor.positions[auditor.done])
+            if next_audit == position:
+                auditor.audit(buffers.table.slots, buffers.table.regions, buffers.contexts,
+                              *buffers.window())
+                continue
+            stop = min(stop, next_audit)
+        reached = buffers.score(stream, nll, gate, order, room_per_token, position, stop)
+        if bar is not None:
+            bar.update(reached - position)
+        position = reached
+    if bar is not None:
+        bar.close()
+
+
 def legacy_mixture(target, prev, nll, layout: TokenByteLayout, *, order: int = 5,
                    lambda_hi: float = 0.9, lambda_lo: float = 0.05, conf_threshold: float = 0.9,
                    anti_hijack_nats: float = 0.277, subset_tokens: int = 0,
@@ -325,102 +422,41 @@ def legacy_mixture(target, prev, nll, layout: TokenByteLayout, *, order: int = 5
     `parlm.ppm.audit` runs at each of them from the live state (`audit_logprobs`: optional
     log q rows per audited position) and lands in `result.audit`.
     """
-    if not 0 <= order <= MAX_ORDER:
-        raise ValueError(f"order={order} is not supported: the byte-string table holds contexts "
-                         f"of at most {MAX_ORDER} bytes (order 0..{MAX_ORDER})")
-    target = np.ascontiguousarray(np.asarray(target, dtype=np.int64))
-    prev = np.ascontiguousarray(np.asarray(prev, dtype=np.int64))
-    nll = np.ascontiguousarray(np.asarray(nll, dtype=np.float64))
-    if not target.shape == prev.shape == nll.shape or target.ndim != 1:
-        raise ValueError(f"target {target.shape}, prev {prev.shape} and nll {nll.shape} must be "
-                         f"1-D arrays of one length")
-    if subset_tokens and subset_tokens > 0:
-        target, prev, nll = target[:subset_tokens], prev[:subset_tokens], nll[:subset_tokens]
+    target, prev, nll = _scored_positions(target, prev, nll, order, subset_tokens)
     started = time.perf_counter()
     counts_per_token = layout.byte_counts(target, prev)
     total_bytes = int(counts_per_token.sum())
     if total_bytes >= 2**31 - 1:
         raise ValueError(f"{total_bytes} bytes exceed the int32-safe count range of the tables")
-    tokens_scored = int(np.count_nonzero(counts_per_token))
-
-    table = CountTable(order, total_bytes)
-    contexts = np.zeros(order + 1, dtype=np.int64)
-    state = np.zeros(8, dtype=np.int64)
-    context_rows(table.slots, table.regions, 0, 0, contexts)
-    sums = np.zeros(3, dtype=np.float64)
+    gate = (float(lambda_lo), float(lambda_hi), float(conf_threshold), float(anti_hijack_nats))
     vocab = max(layout.vocab_size, int(target.max(initial=-1)) + 1)
-    confidence_hist = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
-    position_stats = np.zeros((MAX_TOKEN_POSITION, 3), dtype=np.int64)
-    token_stats = np.zeros((vocab, 3), dtype=np.int64)
-    curve_every = max(1, -(-total_bytes // max(curve_points, 1)))
-    curve = np.zeros((total_bytes // curve_every + 1, 4), dtype=np.float64)
-    trace_stride = max(1, -(-total_bytes // max(trace_max, 1)))
-    n_trace = -(-total_bytes // trace_stride) if trace_max > 0 else 0
-    trace_float = np.zeros((n_trace, len(TRACE_FLOAT_FIELDS)), dtype=np.float64)
-    trace_int = np.zeros((n_trace, len(TRACE_INT_FIELDS)), dtype=np.int64)
-    room_per_token = layout.max_token_bytes + 1  # new rows per region per token, at most
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(target), desc="ppm legacy", unit="tok", unit_scale=True)
+    buffers = _KernelBuffers.allocate(order, total_bytes, vocab, trace_max, curve_points)
     auditor = None
     if audit_positions is not None:
         auditor = PositionAuditor(layout, target, prev, nll, audit_positions, audit_logprobs,
-                                  order=order, lambda_hi=float(lambda_hi), lambda_lo=float(lambda_lo),
-                                  conf_threshold=float(conf_threshold),
-                                  anti_hijack_nats=float(anti_hijack_nats))
-    position = 0
-    while position < len(target):
-        stop = min(len(target), position + chunk_tokens)
-        if table.ensure_room(room_per_token * 64):  # rehashed: slot indices moved
-            context_rows(table.slots, table.regions, int(state[_WINDOW]), int(state[_WINDOW_LENGTH]),
-                         contexts)
-        if auditor is not None and auditor.done < len(auditor.positions):
-            next_audit = int(auditor.positions[auditor.done])
-            if next_audit == position:
-                auditor.audit(table.slots, table.regions, contexts, int(state[_WINDOW]),
-                              int(state[_WINDOW_LENGTH]))
-                continue
-            stop = min(stop, next_audit)
-        reached = _legacy_kernel(
-            target, prev, nll, layout.offsets, layout.data, layout.has_leading_space,
-            layout.is_boundary, order, float(lambda_hi), float(lambda_lo), float(conf_threshold),
-            float(anti_hijack_nats), table.slots, table.regions, room_per_token, contexts, state, sums, position, stop, confidence_hist,
-            position_stats, token_stats, curve, curve_every, trace_float, trace_int, trace_stride)
-        if bar is not None:
-            bar.update(reached - position)
-        position = reached
-    if bar is not None:
-        bar.close()
+                                  order=order, lambda_hi=gate[1], lambda_lo=gate[0],
+                                  conf_threshold=gate[2], anti_hijack_nats=gate[3])
+    _score_chunks(buffers, layout, target, prev, nll, gate, order, chunk_tokens, auditor, progress)
     seconds = time.perf_counter() - started
     if auditor is not None:
         while auditor.done < len(auditor.positions):  # positions at the very end
-            auditor.audit(table.slots, table.regions, contexts, int(state[_WINDOW]), int(state[_WINDOW_LENGTH]))
-
-    if total_bytes == 0:
-        mix_bpb = ppm_bpb = nn_bpb = 0.0
-    else:
-        mix_bpb = sums[0] / total_bytes / LOG2
-        ppm_bpb = sums[1] / total_bytes / LOG2
-        nn_bpb = sums[2] / total_bytes / LOG2
-    n_trace_used = int(state[_TRACE_COUNT])
-    trace = {name: trace_float[:n_trace_used, c].astype(np.float32)
-             for c, name in enumerate(TRACE_FLOAT_FIELDS)}
-    trace.update({name: trace_int[:n_trace_used, c].astype(TRACE_INT_DTYPES[name])
-                  for c, name in enumerate(TRACE_INT_FIELDS)})
+            auditor.audit(buffers.table.slots, buffers.table.regions, buffers.contexts,
+                          *buffers.window())
+    state, sums = buffers.state, buffers.sums
+    mix_bpb, ppm_bpb, nn_bpb = (sums / total_bytes / LOG2) if total_bytes else (0.0, 0.0, 0.0)
     skips = int(state[_SKIPS])
     return LegacyResult(
         mix_bpb=float(mix_bpb), ppm_only_bpb=float(ppm_bpb), nn_only_bpb=float(nn_bpb),
         gate_skip=skips / total_bytes if total_bytes else 0.0, gate_skip_count=skips,
-        bytes=total_bytes, tokens=int(len(target)), tokens_scored=tokens_scored, seconds=seconds,
-        order=order, lambda_hi=float(lambda_hi), lambda_lo=float(lambda_lo),
-        conf_threshold=float(conf_threshold), anti_hijack_nats=float(anti_hijack_nats),
+        bytes=total_bytes, tokens=int(len(target)),
+        tokens_scored=int(np.count_nonzero(counts_per_token)), seconds=seconds, order=order,
+        lambda_hi=gate[1], lambda_lo=gate[0], conf_threshold=gate[2], anti_hijack_nats=gate[3],
         lambda_counts=np.array([state[_LO], state[_HI], state[_SKIPS]], dtype=np.int64),
-        confidence_histogram=confidence_hist, position_stats=position_stats,
-        token_stats=token_stats, curve=curve[: int(state[_CURVE_COUNT])], curve_every=curve_every,
-        trace=trace, trace_stride=trace_stride, table_rows=table.rows_used,
-        table_bytes=table.nbytes(), audit=auditor.result() if auditor is not None else None)
+        confidence_histogram=buffers.confidence_hist, position_stats=buffers.position_stats,
+        token_stats=buffers.token_stats, curve=buffers.curve[: int(state[_CURVE_COUNT])],
+        curve_every=buffers.curve_every, trace=buffers.trace(), trace_stride=buffers.trace_stride,
+        table_rows=buffers.table.rows_used, table_bytes=buffers.table.nbytes(),
+        audit=auditor.result() if auditor is not None else None)
 
 
 def audit_legacy(target, prev, nll, layout: TokenByteLayout, positions, *, token_logprobs=None,
