@@ -30,14 +30,14 @@ def test_void_fraction_bf16_matches_reference_rule():
 def test_numba_cache_refresh_drops_kernels_when_sources_change(tmp_path):
     from parlm.ppm.jit_cache import refresh_numba_cache
 
-    (tmp_path / "legacy.py").write_text("a = 1\n")
+    (tmp_path / "reference_mixture.py").write_text("a = 1\n")
     cache = tmp_path / "__pycache__"
     cache.mkdir()
-    (cache / "legacy._kernel-1.py311.nbi").write_text("stale")
+    (cache / "reference_mixture._legacy_kernel-1.py311.nbi").write_text("stale")
     assert refresh_numba_cache(tmp_path) is True
     assert not list(cache.glob("*.nbi"))
-    (cache / "legacy._kernel-1.py311.nbi").write_text("fresh")
+    (cache / "reference_mixture._legacy_kernel-1.py311.nbi").write_text("fresh")
     assert refresh_numba_cache(tmp_path) is False  # unchanged sources keep the cache
     assert list(cache.glob("*.nbi"))
-    (tmp_path / "legacy.py").write_text("a = 2\n")
+    (tmp_path / "reference_mixture.py").write_text("a = 2\n")
     assert refresh_numba_cache(tmp_path) is True and not list(cache.glob("*.nbi"))
