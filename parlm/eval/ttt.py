@@ -200,6 +200,9 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
     compliance tests. `scorer` may be a WindowScorer already built (and compiled) over this
     `model` and `val_tokens` by the sliding stage: its graphs are reused instead of compiled
     again; the model's weights must still be the artifact's."""
+    # Over 80 lines with its docstring (about 70 of code): the timed loop stays in one piece so
+    # that what runs on the clock (synchronize, t0, score, train) and what is kept off it (the
+    # compile warm-up before, the after-update diagnostic inside) read together.
     device = ctx.device
     seq_len, stride, chunk_tokens = config.eval_seq_len, config.eval_stride, config.ttt_chunk_tokens
     if scorer is None:
