@@ -574,9 +574,12 @@ sys.exit(run.run_cli(plan, ["--preset", "demo", "--seeds", "1", "--run-id", "t"]
 def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path):
     script = SIGINT_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-    # Its own process group, as a terminal's foreground job: Ctrl-C reaches the kernel too.
+    # Its own process group, as a terminal's foreground job: Ctrl-C reaches the kernel too. A
+    # shell's background job (`make test &`) ignores SIGINT, and an ignored signal stays ignored
+    # across exec: the child restores the default, as a foreground terminal job has it.
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seed_dir = tmp_path / "runs" / "t" / "seed_1"
     deadline = time.time() + 240
     while not (seed_dir / "slow_started").exists():
