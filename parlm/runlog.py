@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from parlm import dist
 from parlm.config import Config, ConfigError
 
 # The trained (EMA) weights the train stage leaves and the quant stage starts from.
@@ -197,6 +196,14 @@ def nvidia_smi() -> str:
         return ""
 
 
+def _is_main() -> bool:
+    """`dist.is_main()`, imported here because parlm.dist loads torch and the file helpers above
+    serve torch-free modules too (data.shards: `python -m parlm.data inspect`)."""
+    from parlm import dist
+
+    return dist.is_main()
+
+
 class RunLogger:
     """Rank-0 logger for one run folder: human lines to `<name>.log` and stdout, machine
     records to `metrics.jsonl`. Other ranks are silent, so it is safe to call everywhere."""
@@ -205,11 +212,11 @@ class RunLogger:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log_name = log_name
         self.echo = echo
-        if self.run_dir is not None and dist.is_main():
+        if self.run_dir is not None and _is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def log(self, message: str, console: bool = True) -> None:
-        if not dist.is_main():
+        if not _is_main():
             return
         if console and self.echo:
             print(message, flush=True)
@@ -219,7 +226,7 @@ class RunLogger:
 
     def metric(self, stage: str, **record: Any) -> None:
         """Append one JSON record `{"stage": stage, "time": unix_seconds, **record}`."""
-        if not dist.is_main() or self.run_dir is None:
+        if not _is_main() or self.run_dir is None:
             return
         row = {"stage": stage, "time": round(time.time(), 3), **record}
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:

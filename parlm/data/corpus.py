@@ -39,7 +39,7 @@ from parlm.data import caseops, leak
 from parlm.data.accounting import token_original_bytes
 from parlm.data.shards import ShardWriter, check_dataset_vocabulary, shard_files, sidecar_path
 from parlm.data.tokenizer import ByteTables, NoTrainingText, load_tokenizer, train_tokenizer
-from parlm.runlog import file_sha256
+from parlm.runlog import atomic_path, file_sha256
 
 DEFAULT_SHARD_TOKENS = 10_000_000
 STDLIB_CORPUS = "stdlib"  # the --docs value that selects the embedded corpus
@@ -103,12 +103,9 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
 def write_documents(texts: Iterable[str], path: str | os.PathLike) -> Path:
     """Write texts as a `{"text": ...}` JSON-lines file (atomically); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         for text in texts:
             handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
     return path
 
 
@@ -251,10 +248,8 @@ def _prepare_tokenizer(docs_path: Path, target: Path, tokenizer, vocab_size, num
             return
         if target.exists() and file_sha256(target) != file_sha256(source):
             _check_target(target, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
+        with atomic_path(target) as temporary:
+            shutil.copyfile(source, temporary)
         return
     _check_target(target, overwrite)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parlm.runlog import atomic_path, atomic_write_text
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
@@ -71,12 +73,9 @@ def write_shard(path: str | os.PathLike, tokens, magic: int = SHARD_MAGIC) -> No
         array = array.astype(TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = magic, SHARD_VERSION, array.size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as handle:
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         handle.write(header.tobytes())
         handle.write(np.ascontiguousarray(array).tobytes())
-    os.replace(temporary, path)
 
 
 def read_header(path: str | os.PathLike, magic: int = SHARD_MAGIC) -> ShardHeader:
@@ -185,12 +184,10 @@ def check_dataset_vocabulary(dataset_dir: str | os.PathLike, vocab_size: int) ->
         cache[path.name] = key + [check_token_range(path, open_shard(path), vocab_size)]
         changed = True
     if changed:
-        temporary = cache_path.with_name(f"{cache_path.name}.tmp{os.getpid()}")
         try:
-            temporary.write_text(json.dumps(cache, sort_keys=True))
-            os.replace(temporary, cache_path)
+            atomic_write_text(cache_path, json.dumps(cache, sort_keys=True))
         except OSError:  # a shared read-only dataset: the next check scans again
-            temporary.unlink(missing_ok=True)
+            pass
 
 
 def shard_files(pattern: str | os.PathLike) -> list[Path]:

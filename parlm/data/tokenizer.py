@@ -18,6 +18,8 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from parlm.runlog import atomic_write_bytes
+
 SPACE_PIECE = "\u2581"  # SentencePiece's visible space "▁"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # spm's trainer silently drops training "sentences" longer than this many bytes.
@@ -111,15 +113,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
-    _write_atomically(out_path.with_suffix(".vocab"), vocab.encode("utf-8"))
-    _write_atomically(out_path, model.getvalue())  # the .model appearing marks completion
+    atomic_write_bytes(out_path.with_suffix(".vocab"), vocab.encode("utf-8"))
+    atomic_write_bytes(out_path, model.getvalue())  # the .model appearing marks completion
     return load_tokenizer(out_path)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def _is_tensor(value) -> bool:

@@ -55,16 +55,6 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _atomic_torch_save(payload: dict, path: Path) -> None:
-    """torch.save through a temporary sibling and a rename; the temporary goes on any error."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(run_dir: str | os.PathLike, trainer, ema, state, timer, ctx) -> None:
     """Write this rank's checkpoint of the loop at `state.step`, then (rank 0, after every rank
     wrote) point latest.json at it and remove older steps. Call on every rank at the same step."""
@@ -78,7 +68,8 @@ def save_checkpoint(run_dir: str | os.PathLike, trainer, ema, state, timer, ctx)
         "loop": state.to_dict(), "durations_ms": timer.durations_ms(), "rng": rng_states(),
     }
     checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(payload, rank_file(run_dir, state.step, ctx.rank))
+    with runlog.atomic_path(rank_file(run_dir, state.step, ctx.rank)) as temporary:
+        torch.save(payload, temporary)  # no half-written checkpoint, no temporary left on an error
     dist.barrier()
     if ctx.is_main:
         runlog.write_json(checkpoint_dir(run_dir) / LATEST_NAME,
