@@ -35,20 +35,16 @@ import numba
 import numpy as np
 
 from parlm.ppm.byte_model import (apply_update, find_successors, insert_successors, legacy_confidence,
-                         legacy_logp, ppmd_distribution, roll_back_update, shift_window)
+                                  legacy_logp, mix_log_weights, mix_logp, ppmd_distribution,
+                                  roll_back_update, shift_window)
 from parlm.ppm.bytestream import SPACE_BYTE, TokenByteLayout
 
 
 @numba.njit(cache=True, inline="always")
 def _mix_log(lam, nn_log_p, ppm_log_p):
-    """log(λ e^ℓ + (1-λ) e^π) in the legacy scorer's exact arithmetic."""
-    if lam <= 0.0:
-        return ppm_log_p
-    if lam >= 1.0:
-        return nn_log_p
-    a = math.log(lam) + nn_log_p
-    c = math.log(1.0 - lam) + ppm_log_p
-    return max(a, c) + math.log1p(math.exp(-abs(a - c)))
+    """log(λ e^ℓ + (1-λ) e^π) in the legacy scorer's exact arithmetic (byte_model.mix_logp)."""
+    log_weight, log_one_minus = mix_log_weights(lam)
+    return mix_logp(lam, log_weight, log_one_minus, nn_log_p, ppm_log_p)
 
 
 @numba.njit(cache=True)

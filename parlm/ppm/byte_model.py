@@ -44,21 +44,25 @@ def insert_successors(slots, regions, packed, window_length, byte, out, inserted
 
 
 @numba.njit(cache=True, inline="always")
+def context_counts(slots, context_slot):
+    """(n, u, max) of a context row: its total, distinct bytes seen after it, largest count."""
+    packed = slots[context_slot, UNIQUE_MAX]
+    return slots[context_slot, TOTAL], packed >> 32, packed & LOW32
+
+
+@numba.njit(cache=True, inline="always")
 def legacy_logp(slots, context_slots, successor_slots, window_length):
     """(log P(b), confidence) of the legacy PPM (module docstring); successor slot -1 = count 0."""
     escape_log_prob = 0.0
     confidence = 0.0
     seen_any = False
     for k in range(window_length, -1, -1):
-        cs = context_slots[k]
-        total = slots[cs, TOTAL]
+        total, unique, maximum = context_counts(slots, context_slots[k])
         if total == 0:
             continue
-        packed = slots[cs, UNIQUE_MAX]
-        unique = packed >> 32
         denom = total + unique
         if not seen_any:
-            confidence = (packed & LOW32) / denom
+            confidence = maximum / denom
             seen_any = True
         ss = successor_slots[k]
         count = slots[ss, COUNT] if ss >= 0 else 0
@@ -94,12 +98,9 @@ def mix_logp(weight, log_weight, log_one_minus_weight, nn_log_p, ppm_log_p):
 def legacy_confidence(slots, context_slots, window_length):
     """max_count / (n + u) of the highest existing context (0 when none exists)."""
     for k in range(window_length, -1, -1):
-        cs = context_slots[k]
-        total = slots[cs, TOTAL]
-        if total == 0:
-            continue
-        packed = slots[cs, UNIQUE_MAX]
-        return (packed & LOW32) / (total + (packed >> 32))
+        total, unique, maximum = context_counts(slots, context_slots[k])
+        if total > 0:
+            return maximum / (total + unique)
     return 0.0
 
 

@@ -78,21 +78,27 @@ def home_row(regions, length, key):
 
 
 @numba.njit(cache=True, inline="always")
-def find_row(slots, regions, packed, length):
-    """Row of the last `length` bytes of `packed`, or -1 when absent (dense rows always exist)."""
-    if length <= DENSE_MAX_LENGTH:
-        return regions[length, START] + (packed & STRING_MASKS[length])
-    key = string_key(packed, length)
+def probe_row(slots, regions, key, length):
+    """The row holding hashed `key` in its length's region, else the empty row (key 0) where it
+    would go: linear probing from `home_row` (keys are never 0)."""
     start = regions[length, START]
     mask = regions[length, SIZE] - 1
     row = home_row(regions, length, key)
     while True:
         k = slots[row, KEY]
-        if k == key:
+        if k == key or k == 0:
             return row
-        if k == 0:
-            return -1
         row = start + ((row - start + 1) & mask)
+
+
+@numba.njit(cache=True, inline="always")
+def find_row(slots, regions, packed, length):
+    """Row of the last `length` bytes of `packed`, or -1 when absent (dense rows always exist)."""
+    if length <= DENSE_MAX_LENGTH:
+        return regions[length, START] + (packed & STRING_MASKS[length])
+    key = string_key(packed, length)
+    row = probe_row(slots, regions, key, length)
+    return row if slots[row, KEY] == key else -1
 
 
 @numba.njit(cache=True, inline="always")
@@ -101,18 +107,12 @@ def find_or_insert(slots, regions, packed, length):
     if length <= DENSE_MAX_LENGTH:
         return regions[length, START] + (packed & STRING_MASKS[length]), False
     key = string_key(packed, length)
-    start = regions[length, START]
-    mask = regions[length, SIZE] - 1
-    row = home_row(regions, length, key)
-    while True:
-        k = slots[row, KEY]
-        if k == key:
-            return row, False
-        if k == 0:
-            slots[row, KEY] = key
-            regions[length, USED] += 1
-            return row, True
-        row = start + ((row - start + 1) & mask)
+    row = probe_row(slots, regions, key, length)
+    if slots[row, KEY] == key:
+        return row, False
+    slots[row, KEY] = key
+    regions[length, USED] += 1
+    return row, True
 
 
 @numba.njit(cache=True)
