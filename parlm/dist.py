@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +177,17 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for queued GPU work (no-op on CPU) so wall times measure the work itself."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timing_mark(cuda: bool):
+    """Now, for a timer that must not wait on the GPU inside its loop: on CUDA a recorded event
+    (`start.elapsed_time(end)` milliseconds, after one synchronize), else time.perf_counter()
+    (seconds)."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
 
 def contiguous_share(n_items: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -109,18 +109,11 @@ class PhaseTimer:
         self.spans: dict[str, list] = {}
         self.open: dict[str, object] = {}
 
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def start(self, label: str) -> None:
-        self.open[label] = self._now()
+        self.open[label] = dist.timing_mark(self.cuda)
 
     def stop(self, label: str) -> None:
-        self.spans.setdefault(label, []).append((self.open.pop(label), self._now()))
+        self.spans.setdefault(label, []).append((self.open.pop(label), dist.timing_mark(self.cuda)))
 
     def totals(self) -> dict[str, float]:
         """Seconds per label (synchronizes once on CUDA)."""
@@ -180,6 +173,115 @@ class TTTTrainer:
         self.optimizer.step()
 
 
+@dataclass
+class _ChunkLoop:
+    """One score-first pass over the chunks (module docstring): what it runs (model, scorer,
+    trainer, the valid `mixture`, the hooks) and what it gathers on this rank: `chunk_sums[ci]`
+    = (Σnll, tokens, bytes[, mixed Σnll]) as scored before chunk ci's update, `after_sums` the
+    after-update diagnostic, the per-position buffers `nll_out` / `mix_out`, each chunk's lr,
+    the score/train timer and the work counts."""
+
+    config: Config
+    model: torch.nn.Module
+    scorer: WindowScorer
+    trainer: TTTTrainer
+    ctx: object
+    bounds: np.ndarray  # window index where each chunk starts (plan_ttt_chunks)
+    mixture: object = None
+    on_score: Callable | None = None
+    on_train: Callable | None = None
+    diagnostic_after: bool = False
+    chunk_sums: torch.Tensor = field(init=False)
+    after_sums: torch.Tensor | None = field(init=False)
+    nll_out: torch.Tensor = field(init=False)
+    mix_out: torch.Tensor | None = field(init=False)
+    lrs: list[float] = field(init=False)
+    timer: PhaseTimer = field(init=False)
+    diagnostic_seconds: float = 0.0
+    score_batches: int = 0
+    train_sequences: int = 0
+    train_steps: int = 0
+
+    def __post_init__(self):
+        device, total, chunks = self.ctx.device, self.scorer.total_tokens, self.num_chunks
+        width = 4 if self.mixture is not None else 3
+        self.chunk_sums = torch.zeros(chunks, width, dtype=torch.float64, device=device)
+        self.after_sums = (torch.zeros(chunks, 3, dtype=torch.float64, device=device)
+                           if self.diagnostic_after else None)
+        self.nll_out = torch.zeros(total + 1, dtype=torch.float32, device=device)
+        self.mix_out = (torch.zeros(total + 1, dtype=torch.float64, device=device)
+                        if self.mixture is not None else None)
+        self.lrs = [0.0] * chunks
+        self.timer = PhaseTimer(device)  # score / train split of the loop, for the budget planner
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.bounds) - 1
+
+    def windows(self, ci: int) -> tuple[int, int]:
+        """[first, end) window indices of chunk ci that this rank scores (a contiguous share)."""
+        first, end = dist.contiguous_share(int(self.bounds[ci + 1] - self.bounds[ci]), self.ctx.rank,
+                                           self.ctx.world_size)
+        return int(self.bounds[ci]) + first, int(self.bounds[ci]) + end
+
+    def chunk_tokens(self, ci: int) -> tuple[int, int]:
+        """[start, end) scored positions of chunk ci."""
+        chunk_tokens = self.config.ttt_chunk_tokens
+        return ci * chunk_tokens, min((ci + 1) * chunk_tokens, self.scorer.total_tokens)
+
+    def trains_after(self, ci: int) -> bool:
+        """Whether chunk ci is trained on once scored (every chunk but the last, with epochs)."""
+        return ci < self.num_chunks - 1 and self.config.ttt_epochs > 0
+
+    def score(self, ci: int) -> None:
+        """Score chunk ci's windows (eval mode) into its sums and the position buffers; then the
+        mixture, if any, takes the chunk's tokens into its counts."""
+        first, end = self.windows(ci)
+        self.model.eval()
+        self.timer.start("score")
+        self.scorer.score(first, end, self.chunk_sums[ci], nll_out=self.nll_out,
+                          mixture=self.mixture, mix_out=self.mix_out, on_score=self.on_score)
+        self.timer.stop("score")
+        self.score_batches += -(-(end - first) // self.scorer.batch_seqs)
+        if self.mixture is not None:
+            self.mixture.advance(self.chunk_tokens(ci)[1])
+
+    def train(self, ci: int) -> None:
+        """Train on the scored chunk ci at lr_ci (`chunk_learning_rate`, `_train_on_chunk`)."""
+        self.lrs[ci] = chunk_learning_rate(self.config, ci, self.num_chunks)
+        self.timer.start("train")
+        sequences, steps = _train_on_chunk(self.config, self.model, self.trainer, self.scorer.tokens,
+                                           *self.chunk_tokens(ci), self.lrs[ci], self.ctx,
+                                           self.on_train)
+        self.timer.stop("train")
+        self.train_sequences, self.train_steps = self.train_sequences + sequences, self.train_steps + steps
+
+    def rescore(self, ci: int) -> None:
+        """The after-update diagnostic: chunk ci scored again, into `after_sums` only (never the
+        score), timed apart."""
+        self.diagnostic_seconds += _rescore(self.model, self.scorer, *self.windows(ci),
+                                            self.after_sums[ci], self.ctx.device)
+
+    def reduce(self) -> None:
+        """Sum the per-chunk sums over ranks."""
+        dist.all_reduce_sum(self.chunk_sums)
+        if self.after_sums is not None:
+            dist.all_reduce_sum(self.after_sums)
+
+    def result(self, seconds: float, compile_seconds: float, mixture_seconds: float) -> TTTResult:
+        """The TTTResult of the reduced sums (`chunk_records`, `_ttt_result`); its `extra` holds
+        the warm-up's, the diagnostic's and the mixture's seconds, this rank's phase seconds and
+        work counts."""
+        chunks = chunk_records(self.chunk_sums.tolist(),
+                               self.after_sums.tolist() if self.after_sums is not None else None,
+                               self.lrs, self.config.ttt_chunk_tokens, self.scorer.total_tokens)
+        extra = {"compile_seconds": compile_seconds, "num_chunks": self.num_chunks,
+                 "diagnostic_seconds": self.diagnostic_seconds, "mixture_seconds": mixture_seconds,
+                 **phase_counts(self.timer, self.score_batches, self.train_sequences, self.train_steps)}
+        return _ttt_result(self.chunk_sums, chunks, self.nll_out, self.mix_out, seconds,
+                           self.scorer.total_tokens, self.ctx, extra)
+
+
 def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, ctx,
                  mixture=None, diagnostic_after: bool = False, warmup: bool = True,
                  on_score: Callable | None = None, on_train: Callable | None = None,
@@ -200,82 +302,45 @@ def eval_val_ttt(config: Config, model, val_tokens: torch.Tensor, byte_tables, c
     compliance tests. `scorer` may be a WindowScorer already built (and compiled) over this
     `model` and `val_tokens` by the sliding stage: its graphs are reused instead of compiled
     again; the model's weights must still be the artifact's."""
-    # Over 80 lines with its docstring (about 70 of code): the timed loop stays in one piece so
-    # that what runs on the clock (synchronize, t0, score, train) and what is kept off it (the
-    # compile warm-up before, the after-update diagnostic inside) read together.
-    device = ctx.device
-    seq_len, stride, chunk_tokens = config.eval_seq_len, config.eval_stride, config.ttt_chunk_tokens
+    # The clock stays in this function, the steps behind named calls: what runs on it
+    # (synchronize, t0, each chunk's score and train) and what is kept off it (the compile
+    # warm-up before, the after-update diagnostic's seconds taken out) read together.
     if scorer is None:
-        scorer = WindowScorer(config, model, val_tokens, byte_tables, device)
+        scorer = WindowScorer(config, model, val_tokens, byte_tables, ctx.device)
     elif scorer.model is not model:
         raise ValueError("eval_val_ttt: the given scorer wraps another model than the one to adapt")
     mixture_seconds_before = scorer.mixture_seconds  # a reused scorer carries its own count
-    tokens, total = scorer.tokens, scorer.total_tokens
-    bounds = plan_ttt_chunks(total, seq_len, stride, chunk_tokens)
-    num_chunks = len(bounds) - 1
+    bounds = plan_ttt_chunks(scorer.total_tokens, config.eval_seq_len, config.eval_stride,
+                             config.ttt_chunk_tokens)
     trainer = TTTTrainer(config, model, ctx)
-    compile_seconds = _warm_up(config, model, scorer, trainer, num_chunks, total, ctx) if warmup else 0.0
-
-    width = 4 if mixture is not None else 3
-    chunk_sums = torch.zeros(num_chunks, width, dtype=torch.float64, device=device)
-    after_sums = torch.zeros(num_chunks, 3, dtype=torch.float64, device=device) if diagnostic_after else None
-    nll_out = torch.zeros(total + 1, dtype=torch.float32, device=device)
-    mix_out = torch.zeros(total + 1, dtype=torch.float64, device=device) if mixture is not None else None
-    lrs = [0.0] * num_chunks
+    compile_seconds = (_warm_up(config, model, scorer, trainer, len(bounds) - 1, scorer.total_tokens, ctx)
+                       if warmup else 0.0)
+    loop = _ChunkLoop(config, model, scorer, trainer, ctx, bounds, mixture, on_score, on_train,
+                      diagnostic_after)
     progress = None
     if show_progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=num_chunks, desc="TTT chunks", unit="chunk", leave=False)
-    diagnostic_seconds = 0.0
-    timer = PhaseTimer(device)  # score / train split of the loop, for the budget planner
-    score_batches = train_sequences = train_steps = 0
-    synchronize(device)
+        progress = tqdm(total=loop.num_chunks, desc="TTT chunks", unit="chunk", leave=False)
+    synchronize(ctx.device)
     t0 = time.perf_counter()
-    for ci in range(num_chunks):
-        chunk_start, chunk_end = ci * chunk_tokens, min((ci + 1) * chunk_tokens, total)
-        first, end = dist.contiguous_share(int(bounds[ci + 1] - bounds[ci]), ctx.rank, ctx.world_size)
-        model.eval()
-        timer.start("score")
-        scorer.score(int(bounds[ci]) + first, int(bounds[ci]) + end, chunk_sums[ci], nll_out=nll_out,
-                     mixture=mixture, mix_out=mix_out, on_score=on_score)
-        timer.stop("score")
-        score_batches += -(-(end - first) // scorer.batch_seqs)
-        if mixture is not None:
-            mixture.advance(chunk_end)
-        if ci == num_chunks - 1 or config.ttt_epochs <= 0:
-            if progress is not None:
-                progress.update(1)
-            continue
-        lrs[ci] = chunk_learning_rate(config, ci, num_chunks)
-        timer.start("train")
-        sequences, steps = _train_on_chunk(config, model, trainer, tokens, chunk_start, chunk_end, lrs[ci],
-                                           ctx, on_train)
-        timer.stop("train")
-        train_sequences, train_steps = train_sequences + sequences, train_steps + steps
-        if after_sums is not None:  # diagnostic only: re-scores the chunk, never enters the score
-            diagnostic_seconds += _rescore(model, scorer, int(bounds[ci]) + first,
-                                           int(bounds[ci]) + end, after_sums[ci], device)
+    for ci in range(loop.num_chunks):
+        loop.score(ci)
+        if loop.trains_after(ci):
+            loop.train(ci)
+            if diagnostic_after:  # diagnostic only: re-scores the chunk, never enters the score
+                loop.rescore(ci)
         if progress is not None:
             progress.update(1)
-    dist.all_reduce_sum(chunk_sums)
-    if after_sums is not None:
-        dist.all_reduce_sum(after_sums)
-    synchronize(device)
-    seconds = time.perf_counter() - t0 - diagnostic_seconds
+    loop.reduce()
+    synchronize(ctx.device)
+    seconds = time.perf_counter() - t0 - loop.diagnostic_seconds
     if progress is not None:
         progress.close()
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-
-    chunks = chunk_records(chunk_sums.tolist(), after_sums.tolist() if after_sums is not None else None,
-                           lrs, chunk_tokens, total)
-    extra = {"compile_seconds": compile_seconds, "num_chunks": num_chunks,
-             "diagnostic_seconds": diagnostic_seconds,
-             "mixture_seconds": scorer.mixture_seconds - mixture_seconds_before,
-             **phase_counts(timer, score_batches, train_sequences, train_steps)}
-    return _ttt_result(chunk_sums, chunks, nll_out, mix_out, seconds, total, ctx, extra)
+    return loop.result(seconds, compile_seconds, scorer.mixture_seconds - mixture_seconds_before)
 
 
 def _warm_up(config: Config, model, scorer: WindowScorer, trainer: TTTTrainer, num_chunks: int,

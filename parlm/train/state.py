@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
+
+from parlm import dist
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,18 +194,11 @@ class StepTimer:
         # Resolved durations of the steps before a resume (from the checkpoint).
         self.earlier = list(earlier or [])
 
-    def _mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def resume(self) -> None:
-        self.start = self._mark()
+        self.start = dist.timing_mark(self.cuda)
 
     def step_done(self, looping: bool) -> None:
-        end = self._mark()
+        end = dist.timing_mark(self.cuda)
         if self.start is not None:
             self.intervals.append((self.start, end, bool(looping)))
         self.start = end
