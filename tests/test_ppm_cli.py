@@ -100,3 +100,29 @@ def test_ppm_run_writes_results_and_traces(tmp_path, wiki_nll, sp1024_path):
     assert traces["position_stats"].sum() == saved["bytes"]
     assert traces["token_frequency"].sum() == saved["tokens_scored"]
     assert np.array_equal(traces["trace_gate_skip"], traces["trace_lambda_choice"] == 2)
+
+
+def test_ppm_stage_command_runs_the_stage_and_errors_in_one_line(tmp_path, wiki_nll, sp1024_path, capsys):
+    """`python -m parlm.ppm run --run-dir DIR` and the uniform `--run-dir DIR` form go through
+    parlm.cli.stage_command: the run folder's config.yaml, the same ppm.json as ppm_run, and a
+    missing nll.npz is one line with exit code 1."""
+    from parlm.ppm import ppm_run
+    from parlm.ppm.__main__ import main
+
+    path, target, prev, nll = wiki_nll
+    config = Config().replace(tokenizer_path=str(sp1024_path), vocab_size=1024, ppm_subset_tokens=1500)
+    expected_dir, command_dir = tmp_path / "expected", tmp_path / "command"
+    for run_dir in (expected_dir, command_dir):
+        run_dir.mkdir()
+        np.savez(run_dir / "nll.npz", target=target, prev=prev, nll=nll)
+        config.save(run_dir / "config.yaml")
+    expected = ppm_run(config, expected_dir, progress=False)
+    assert main(["run", "--run-dir", str(command_dir)]) == 0
+    saved = json.loads((command_dir / "ppm.json").read_text())
+    assert saved["mix_bpb"] == expected["mix_bpb"] and saved["bytes"] == expected["bytes"]
+    capsys.readouterr()
+    for argv, prog in ((["run", "--run-dir", str(tmp_path / "none")], "python -m parlm.ppm run"),
+                       (["--run-dir", str(tmp_path / "none")], "python -m parlm.ppm")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"{prog}: error: ") and "nll.npz" in err and "\n" not in err

@@ -6,7 +6,7 @@ or run the pipeline stage on a run folder.
         --subset-tokens N] [--json]
     python -m parlm.ppm score --npz NLL.npz --tokenizer MODEL --mode ppmd --subset-tokens N
     python -m parlm.ppm audit --npz NLL.npz --tokenizer MODEL [--positions 64] [--json]
-    python -m parlm.ppm run --run-dir DIR [--config CFG | --preset NAME] [--set KEY=VALUE]
+    python -m parlm.ppm [run] --run-dir DIR [--config CFG | --preset NAME] [--set KEY=VALUE]
 
 `--mode legacy` numbers are NOT a normalized distribution and not a valid BPB (SPEC 6.6);
 the JSON carries `normalized: false` and a note. `--mode ppmd` scores the bytes alone with a
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from parlm.config import add_config_arguments, config_from_arguments
+from parlm.cli import stage_command
 from parlm.ppm.bytestream import TokenByteLayout
 from parlm.ppm.reference_mixture import NOT_NORMALIZED_NOTE, legacy_mixture
 from parlm.ppm.stage import audit_positions, load_nll, ppm_run
@@ -96,7 +96,20 @@ def audit(args) -> dict:
     return out
 
 
+STAGE_DESCRIPTION = ("Run the ppm stage on a run folder: the legacy PR #1858 byte mixture over "
+                     "its nll.npz, with the normalization audit; writes ppm.json and ppm_trace.npz.")
+
+
 def main(argv=None) -> int:
+    """`python -m parlm.ppm {score,audit,run}` (module docstring). The stage, `run --run-dir DIR`
+    or, like every stage, `--run-dir DIR` alone, goes through parlm.cli.stage_command (an error
+    a user can fix: one line, exit code 1)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"] or (argv and argv[0].startswith("--run-dir")):
+        run = argv[:1] == ["run"]
+        return stage_command("python -m parlm.ppm" + (" run" if run else ""), STAGE_DESCRIPTION,
+                             ppm_run, argv[1:] if run else argv,
+                             run_dir_help="run folder holding config.yaml and nll.npz")
     parser = argparse.ArgumentParser(prog="python -m parlm.ppm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,17 +119,10 @@ def main(argv=None) -> int:
     audit_parser = commands.add_parser("audit", help="implied total probability of the legacy mixture")
     _add_stream_arguments(audit_parser)
     audit_parser.add_argument("--positions", type=int, default=64)
-    run_parser = commands.add_parser("run", help="the pipeline stage on a run folder")
-    run_parser.add_argument("--run-dir", required=True)
-    add_config_arguments(run_parser)
+    # Listed for --help; `run` itself was handed to stage_command above.
+    commands.add_parser("run", help="the pipeline stage on a run folder (run --help)")
     args = parser.parse_args(argv)
-    if args.command == "score":
-        _print(score(args), args.json)
-    elif args.command == "audit":
-        _print(audit(args), args.json)
-    else:
-        config = config_from_arguments(args, run_dir=args.run_dir)
-        ppm_run(config, args.run_dir)
+    _print(score(args) if args.command == "score" else audit(args), args.json)
     return 0
 
 
