@@ -115,25 +115,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """In-place all-reduce with `op` across ranks (no-op in one process); returns the tensor."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place SUM across ranks (no-op in one process); returns the tensor."""
-    if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """In-place MAX across ranks (no-op in one process); returns the tensor."""
-    if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """In-place average across ranks: SUM / world_size (gloo has no AVG); returns the tensor."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
+        _all_reduce(tensor, dist.ReduceOp.SUM).div_(dist.get_world_size())
     return tensor
 
 

@@ -51,7 +51,7 @@ from parlm.data.tokenizer import BOS_ID
 from parlm.dist import autocast_context, synchronize
 from parlm.eval.scoring import device_byte_tables
 from parlm.model.validation import EvalResult, loss_and_bpb
-from parlm.eval.ttt import TTTResult, TTTTrainer, reduce_to_main, training_minibatches
+from parlm.eval.ttt import TTTResult, TTTTrainer, chunk_learning_rate, reduce_to_main, train_on_chunk
 
 
 def find_documents(tokens: torch.Tensor, total: int, bos_id: int = BOS_ID) -> np.ndarray:
@@ -260,25 +260,19 @@ def global_phase(config: Config, model, tokens: torch.Tensor, end: int, ctx,
                  on_train: Callable | None = None) -> int:
     """Global score-first SGD over the scored prefix [0, end) (module docstring, phases):
     returns the number of SGD steps."""
-    trainer = TTTTrainer(config.replace(ttt_lr=config.lora_ttt_global_lr), model, ctx, compile=False)
+    # The score-first TTT's chunk training (parlm.eval.ttt) at this phase's LR and epochs.
+    phase_config = config.replace(ttt_lr=config.lora_ttt_global_lr, ttt_epochs=config.lora_ttt_global_epochs)
+    trainer = TTTTrainer(phase_config, model, ctx, compile=False)
     hook = None
     if on_train is not None:  # the trainer reports (first, last) input positions of a step
         hook = lambda first, last: on_train(torch.arange(first, last + 1))  # noqa: E731
     chunk = config.ttt_chunk_tokens
     num_chunks = -(-end // chunk)
     steps = 0
-    model.train()
     for ci in range(num_chunks):
-        lr = config.lora_ttt_global_lr * 0.5 * (1.0 + math.cos(math.pi * ci / max(num_chunks - 1, 1)))
-        chunk_start, chunk_end = ci * chunk, min((ci + 1) * chunk, end)
-        ranges = training_minibatches(config, chunk_start, chunk_end, ctx.rank, ctx.world_size)
-        count = max(len(training_minibatches(config, chunk_start, chunk_end, r, ctx.world_size))
-                    for r in range(ctx.world_size))
-        for _ in range(config.lora_ttt_global_epochs):
-            for index in range(count):
-                start, stop = ranges[index] if index < len(ranges) else (chunk_start, chunk_start)
-                trainer.step(tokens, start, stop, lr, on_train=hook)
-                steps += 1
+        lr = chunk_learning_rate(phase_config, ci, num_chunks)
+        steps += train_on_chunk(phase_config, model, trainer, tokens, ci * chunk, min((ci + 1) * chunk, end),
+                                lr, ctx, hook)[1]
     model.eval()
     return steps
 

@@ -247,12 +247,12 @@ class _ChunkLoop:
             self.mixture.advance(self.chunk_tokens(ci)[1])
 
     def train(self, ci: int) -> None:
-        """Train on the scored chunk ci at lr_ci (`chunk_learning_rate`, `_train_on_chunk`)."""
+        """Train on the scored chunk ci at lr_ci (`chunk_learning_rate`, `train_on_chunk`)."""
         self.lrs[ci] = chunk_learning_rate(self.config, ci, self.num_chunks)
         self.timer.start("train")
-        sequences, steps = _train_on_chunk(self.config, self.model, self.trainer, self.scorer.tokens,
-                                           *self.chunk_tokens(ci), self.lrs[ci], self.ctx,
-                                           self.on_train)
+        sequences, steps = train_on_chunk(self.config, self.model, self.trainer, self.scorer.tokens,
+                                          *self.chunk_tokens(ci), self.lrs[ci], self.ctx,
+                                          self.on_train)
         self.timer.stop("train")
         self.train_sequences, self.train_steps = self.train_sequences + sequences, self.train_steps + steps
 
@@ -359,8 +359,8 @@ def _warm_up(config: Config, model, scorer: WindowScorer, trainer: TTTTrainer, n
     return time.perf_counter() - t0
 
 
-def _train_on_chunk(config: Config, model, trainer: TTTTrainer, tokens: torch.Tensor, chunk_start: int,
-                    chunk_end: int, lr: float, ctx, on_train: Callable | None) -> tuple[int, int]:
+def train_on_chunk(config: Config, model, trainer: TTTTrainer, tokens: torch.Tensor, chunk_start: int,
+                   chunk_end: int, lr: float, ctx, on_train: Callable | None) -> tuple[int, int]:
     """`ttt_epochs` passes of SGD over this rank's minibatches of the already scored chunk; every
     rank takes the same number of synchronous steps (an empty range where it has fewer).
     Returns (sequences trained on, optimizer steps) of this rank."""

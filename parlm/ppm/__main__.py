@@ -54,11 +54,18 @@ def _print(obj: dict, as_json: bool) -> None:
         print(f"{key}: {value}")
 
 
-def score(args) -> dict:
+def _stream(args):
+    """(layout, target, prev, nll, kept positions): the --npz dump's first --subset-tokens
+    positions (all when <= 0) and the byte layout of --tokenizer."""
     dump = load_nll(args.npz)
     layout = _layout(args.tokenizer, args.vocab_size)
     keep = len(dump["target"]) if args.subset_tokens <= 0 else min(args.subset_tokens, len(dump["target"]))
-    target, prev, nll = dump["target"][:keep], dump["prev"][:keep], dump["nll"][:keep]
+    return layout, dump["target"][:keep], dump["prev"][:keep], dump["nll"][:keep], keep
+
+
+def score(args) -> dict:
+    """`score`: the legacy mixture's summary (not normalized) or the PPM-D BPB of the bytes."""
+    layout, target, prev, nll, keep = _stream(args)
     if args.mode == "legacy":
         result = legacy_mixture(target, prev, nll, layout, order=args.order, lambda_hi=args.lambda_hi,
                                 lambda_lo=args.lambda_lo, conf_threshold=args.conf_threshold,
@@ -81,12 +88,10 @@ def score(args) -> dict:
 
 
 def audit(args) -> dict:
+    """`audit`: the legacy mixture's implied totals at --positions sampled positions."""
     from parlm.ppm.reference_mixture import audit_legacy
 
-    dump = load_nll(args.npz)
-    layout = _layout(args.tokenizer, args.vocab_size)
-    keep = len(dump["target"]) if args.subset_tokens <= 0 else min(args.subset_tokens, len(dump["target"]))
-    target, prev, nll = dump["target"][:keep], dump["prev"][:keep], dump["nll"][:keep]
+    layout, target, prev, nll, _ = _stream(args)
     positions = audit_positions(layout.byte_counts(target, prev), args.positions)
     result = audit_legacy(target, prev, nll, layout, positions, order=args.order,
                           lambda_hi=args.lambda_hi, lambda_lo=args.lambda_lo,

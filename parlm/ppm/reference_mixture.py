@@ -359,6 +359,10 @@ class _KernelBuffers:
         if self.table.ensure_room(rows):
             context_rows(self.table.slots, self.table.regions, *self.window(), self.contexts)
 
+    def audit(self, auditor: PositionAuditor) -> None:
+        """The auditor's next position, audited from the live state (before its bytes)."""
+        auditor.audit(self.table.slots, self.table.regions, self.contexts, *self.window())
+
     def score(self, stream, nll, gate, order: int, room_per_token: int, start: int, stop: int) -> int:
         """`_legacy_kernel` over tokens [start, stop); the first token it did not score."""
         return _legacy_kernel(stream, nll, gate, order, self.table.slots, self.table.regions,
@@ -394,8 +398,7 @@ def _score_chunks(buffers: _KernelBuffers, layout: TokenByteLayout, target, prev
         if auditor is not None and auditor.done < len(auditor.positions):
             next_audit = int(auditor.positions[auditor.done])
             if next_audit == position:
-                auditor.audit(buffers.table.slots, buffers.table.regions, buffers.contexts,
-                              *buffers.window())
+                buffers.audit(auditor)
                 continue
             stop = min(stop, next_audit)
         reached = buffers.score(stream, nll, gate, order, room_per_token, position, stop)
@@ -440,8 +443,7 @@ def legacy_mixture(target, prev, nll, layout: TokenByteLayout, *, order: int = 5
     seconds = time.perf_counter() - started
     if auditor is not None:
         while auditor.done < len(auditor.positions):  # positions at the very end
-            auditor.audit(buffers.table.slots, buffers.table.regions, buffers.contexts,
-                          *buffers.window())
+            buffers.audit(auditor)
     state, sums = buffers.state, buffers.sums
     mix_bpb, ppm_bpb, nn_bpb = (sums / total_bytes / LOG2) if total_bytes else (0.0, 0.0, 0.0)
     skips = int(state[_SKIPS])
